@@ -12,5 +12,15 @@ Each block below re-exports one module's public API.
 __version__ = "0.1.0"
 
 # --- math: normalize / frechet / mir -----------------------------------------------------------
+from mirlab.normalize import replace_outliers, text_centric_scale
+from mirlab.frechet import (
+    METHODS as FRECHET_METHODS, frechet_distance, frechet_from_stats, gaussian_stats, trace_sqrt_product,
+)
+from mirlab.mir import MIRResult, compute_mir, layer_fd
 # --- extraction: data / models / extract / run ---------------------------------------------------
 # --- embedded model: samples / scenes / embedded / pretrain -------------------------------------
+from .embedded import (build_base_model, embedded_checkpoints, embedded_model, load_projector,  # noqa: E402
+                       projector_shapes, save_projector)
+from .samples import photo_records, prose_passages, sample_pairs, sample_photos  # noqa: E402
+from .scenes import (SceneDataset, caption_mentions, distractor_captions, make_scene,  # noqa: E402
+                     scene_dataset)

