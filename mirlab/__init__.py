@@ -18,6 +18,11 @@ from mirlab.frechet import (
 )
 from mirlab.mir import MIRResult, compute_mir, layer_fd
 # --- extraction: data / models / extract / run ---------------------------------------------------
+from mirlab.data import Pairs, folder_pairs, jsonl_pairs, load_image, read_story  # noqa: E402
+from mirlab.models import image_token_id, load_model, model_fingerprint, render_prompt  # noqa: E402
+from mirlab.extract import HiddenStates, PairError, extract_hidden_states, select_rows  # noqa: E402
+from mirlab.plots import per_layer_figure  # noqa: E402
+from mirlab.run import run_mir  # noqa: E402
 # --- embedded model: samples / scenes / embedded / pretrain -------------------------------------
 from .embedded import (build_base_model, embedded_checkpoints, embedded_model, load_projector,  # noqa: E402
                        projector_shapes, save_projector)

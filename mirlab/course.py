@@ -118,3 +118,58 @@ def run_course(
     table = pd.DataFrame([_scalar_columns(r) for r in records])
     table.to_csv(out_dir / "results.csv", index=False)
     return table
+
+
+# --- the `mirlab course` and `mirlab sweep` subcommands -------------------------------------------------
+
+def _value(text: str):
+    """A command-line value typed as YAML would read it: 16 -> int, 0.5 -> float, final -> str, null -> None."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _parameters(pairs) -> dict:
+    return {key: _value(value) for key, value in (pairs or [])}
+
+
+def _grid(items) -> dict:
+    grid = {}
+    for item in items or []:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise SystemExit(f"--grid expects key=v1,v2,... got {item!r}")
+        grid[key] = [_value(v) for v in values.split(",")]
+    return grid
+
+
+def add_course_arguments(parser) -> None:
+    parser.add_argument("--out", default="out", help="output folder (default: out)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                        help="inject a parameter into every notebook (repeatable), e.g. -p n_samples 32")
+    parser.add_argument("--notebooks", default=str(NOTEBOOK_DIR), help="folder of the course notebooks")
+
+
+def course_command(args) -> int:
+    """Run every course notebook headless; write executed notebooks and a results table."""
+    table = run_course(args.out, _parameters(args.parameter), args.notebooks)
+    print(table.to_string(index=False))
+    print(f"wrote {args.out}/notebooks/*.ipynb, {args.out}/results.csv and {args.out}/results.json")
+    return 0
+
+
+def add_sweep_arguments(parser) -> None:
+    parser.add_argument("notebook", help="path of the notebook to run")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                        help="a fixed parameter for every run (repeatable)")
+    parser.add_argument("--grid", action="append", metavar="NAME=V1,V2",
+                        help="a swept parameter (repeatable; runs the Cartesian product)")
+    parser.add_argument("--out", default="out/sweep", help="output folder (default: out/sweep)")
+
+
+def sweep_command(args) -> int:
+    """Run one notebook over a parameter grid and collect its recorded results into sweep.csv."""
+    table = sweep(args.notebook, args.out, _parameters(args.parameter), _grid(args.grid))
+    print(table.to_string(index=False))
+    print(f"wrote {args.out}/sweep.csv")
+    return 0

@@ -1,0 +1,83 @@
+"""MIR of a model on (image, text) pairs, end to end: load -> pairs -> hidden states -> MIR -> files.
+
+    run_mir("path/to/model", images="textvqa/train_images", texts="cnn/stories", eval_num=100, out_dir="out")
+
+writes ``out/mir.json`` (MIRResult.to_json, with the run's settings in ``meta``), ``out/per_layer.csv`` and
+``out/per_layer.png``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mirlab.data import Pairs, folder_pairs, jsonl_pairs
+from mirlab.extract import extract_hidden_states
+from mirlab.models import EMBEDDED_MODEL, load_model
+
+
+def _pairs(images, texts, pairs_file, eval_num, seed) -> Pairs:
+    if pairs_file is not None:
+        if images is not None or texts is not None:
+            raise ValueError("give either a pairs JSONL file or images + texts, not both")
+        return jsonl_pairs(pairs_file, n=eval_num, seed=seed)
+    if images is None or texts is None:
+        raise ValueError("need images and texts (folders or lists), or a pairs JSONL file")
+    if isinstance(images, (str, Path)) and isinstance(texts, (str, Path)):
+        return folder_pairs(images, texts, n=eval_num, seed=seed)
+    if isinstance(images, (str, Path)) or isinstance(texts, (str, Path)):
+        raise ValueError("images and texts must both be folders or both be lists")
+    pairs = Pairs(list(images), list(texts))
+    if eval_num is not None:
+        if eval_num > len(pairs):
+            raise ValueError(f"asked for {eval_num} pairs but only {len(pairs)} were given")
+        pairs = Pairs(pairs.images[:eval_num], pairs.texts[:eval_num], pairs.names[:eval_num])
+    return pairs
+
+
+def run_mir(model=EMBEDDED_MODEL, images=None, texts=None, *, pairs_file=None, eval_num: int | None = 100,
+            seed: int = 0, method: str = "exact", outliers: str = "replace", batch_size: int = 8,
+            cache_dir=None, out_dir=None, base_llm=None, dtype=None, device_map=None,
+            text_span: str = "after_image", layers=None, include_embeddings: bool = False,
+            max_text_tokens: int | None = None, store_dtype: str = "float32", on_error: str = "raise",
+            progress: bool = True):
+    """MIR of ``model`` on ``eval_num`` pairs; returns the MIRResult (and writes files if ``out_dir``).
+
+    model: name / folder / Hub id (see ``load_model``; ``base_llm``, ``dtype``, ``device_map`` go there) or
+        an already loaded ``(model, processor)`` tuple.
+    images, texts: two folders (drawn with ``seed``, see mirlab.data) or two equal-length lists (the first
+        ``eval_num`` are used); or ``pairs_file``: a JSONL of {"image", "text"}.
+    method / outliers: see ``mirlab.compute_mir``. The remaining options: see ``extract_hidden_states``.
+    """
+    from mirlab.mir import compute_mir
+
+    data = _pairs(images, texts, pairs_file, eval_num, seed)
+    if isinstance(model, (tuple, list)):
+        model, processor = model
+    else:
+        model, processor = load_model(model, dtype=dtype, device_map=device_map, base_llm=base_llm)
+    states = extract_hidden_states(model, processor, data.images, data.texts, batch_size=batch_size,
+                                   layers=layers, include_embeddings=include_embeddings, text_span=text_span,
+                                   max_text_tokens=max_text_tokens, store_dtype=store_dtype,
+                                   cache_dir=cache_dir, on_error=on_error, names=data.names, progress=progress)
+    result = compute_mir(states, method=method, outliers=outliers, progress=progress)
+    result.meta.update({
+        "model": str(getattr(model, "name_or_path", "")), "base_llm": None if base_llm is None else str(base_llm),
+        "n_pairs": states.n_pairs, "skipped": states.skipped, "eval_num": eval_num, "seed": seed,
+        "text_span": text_span, "layers": states.layers, "batch_size": batch_size,
+        "hidden_states": str(states.path) if cache_dir is not None else None,
+    })
+    if out_dir is not None:
+        write_outputs(result, out_dir)
+    return result
+
+
+def write_outputs(result, out_dir) -> dict[str, Path]:
+    """``mir.json``, ``per_layer.csv`` and ``per_layer.png`` of a MIRResult in ``out_dir`` (created)."""
+    from mirlab.plots import save_per_layer_figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "mir.json", "csv": out_dir / "per_layer.csv", "png": out_dir / "per_layer.png"}
+    result.to_json(str(paths["json"]))
+    result.per_layer.to_csv(paths["csv"], index=False)
+    save_per_layer_figure(result, paths["png"])
+    return paths
