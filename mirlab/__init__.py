@@ -29,3 +29,6 @@ from .embedded import (build_base_model, embedded_checkpoints, embedded_model, l
 from .samples import photo_records, prose_passages, sample_pairs, sample_photos  # noqa: E402
 from .scenes import (SceneDataset, caption_mentions, distractor_captions, make_scene,  # noqa: E402
                      scene_dataset)
+from .pretrain import Recipe as PretrainRecipe  # noqa: E402
+from .evaluate import (caption_retrieval, captioning_scores, captioning_summary, greedy_captions,  # noqa: E402
+                       heldout_caption_loss, retrieval_summary)

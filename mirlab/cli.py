@@ -107,12 +107,13 @@ def summary(result) -> str:
 # --- the registry ------------------------------------------------------------------------------------------------
 
 def _commands() -> dict[str, tuple[AddArguments, Handler]]:
-    from mirlab import course
+    from mirlab import course, pretrain
 
     return {
         "run": (add_run_arguments, run_command),
         "course": (course.add_course_arguments, course.course_command),
         "sweep": (course.add_sweep_arguments, course.sweep_command),
+        "pretrain": (pretrain.add_arguments, pretrain.main),
     }
 
 
