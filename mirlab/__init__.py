@@ -32,3 +32,6 @@ from .scenes import (SceneDataset, caption_mentions, distractor_captions, make_s
 from .pretrain import Recipe as PretrainRecipe  # noqa: E402
 from .evaluate import (caption_retrieval, captioning_scores, captioning_summary, greedy_captions,  # noqa: E402
                        heldout_caption_loss, retrieval_summary)
+# --- course: widgets / bootstrap -----------------------------------------------------------------
+from mirlab.bootstrap import BootstrapResult, bootstrap_mir  # noqa: E402
+from mirlab.widgets import LayerExplorer  # noqa: E402

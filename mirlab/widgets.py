@@ -1,0 +1,186 @@
+"""LayerExplorer: an ipywidgets view of cached hidden states, one decoder layer at a time.
+
+    explorer = LayerExplorer(hidden_states)        # mirlab.HiddenStates (e.g. from a cache_dir)
+    explorer                                       # in Jupyter: slider + modality toggles + figure
+    explorer.slider.value = 12                     # or drive it from code; explorer.current_data()
+
+For the selected layer k with image rows V and text rows T (as `hidden_states.layer(k)` returns them):
+
+    s   = 1 / mean_j ||T_j||                       text-centric scale (as MIR applies it)
+    (a) PCA: the rows of s V and s T (together) centred on their joint mean and projected on the two leading
+        principal directions (eigenvectors of the centred scatter matrix); a component's sign is fixed so that
+        its loading of largest magnitude is positive (deterministic pictures)
+    (b) histograms of the normalized row norms s ||x|| per modality (text mean = 1, so the image histogram
+        shows the norm gap directly)
+    (c) FD_k per layer from a MIRResult, computed once (pass `result=` to reuse one), layer k highlighted
+
+Nothing re-runs the model: a move reads one layer from the cache (each layer's picture is kept once
+computed). With more than `max_points` rows in a modality, a seeded subset of that many rows is drawn
+(the `row` column of `current_data()` says which). The figure is a plain matplotlib Figure rendered to a
+PNG `Image` widget, so it needs no interactive matplotlib backend, and it has an explicit white background
+with dark text: readable in light and dark JupyterLab themes.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mirlab.mir import compute_mir
+from mirlab.normalize import row_norms, text_centric_scale
+
+MODALITIES = ("image", "text")
+PALETTE = {"image": "#d95f02", "text": "#1b9e77"}
+BAR_COLOR, HIGHLIGHT = "#b8c4d6", "#e7298a"
+
+
+def pca_2d(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(projections (n, 2), explained variance ratio (2,)) of rows centred on their mean, signs fixed.
+
+    The components are the two leading eigenvectors of X_c^T X_c (= the leading right singular vectors of
+    the centred rows X_c); each is flipped so that its largest-magnitude loading is positive.
+    """
+    centred = rows - rows.mean(axis=0)
+    eigenvalues, eigenvectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(centred.T @ centred)))
+    components = eigenvectors[:, ::-1][:, :2].T  # eigh sorts ascending
+    signs = np.sign(components[np.arange(2), np.abs(components).argmax(axis=1)])
+    components = components * signs[:, None]
+    return centred @ components.T, eigenvalues[::-1][:2] / eigenvalues.sum()
+
+
+def _subset(n_rows: int, max_points: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n_rows) if n_rows <= max_points else np.sort(rng.choice(n_rows, max_points, replace=False))
+
+
+class LayerExplorer:
+    """Slider over the extracted layers, modality toggles, and a 3-panel figure of the selected layer."""
+
+    def __init__(self, hidden_states, result=None, layer: int | None = None, max_points: int = 2000,
+                 seed: int = 0):
+        import ipywidgets as widgets
+
+        self.hidden_states = hidden_states
+        self.layers = [int(k) for k in hidden_states.layers]
+        if not self.layers:
+            raise ValueError("hidden_states holds no layers")
+        self.result = result if result is not None else compute_mir(hidden_states)
+        fd = self.result.per_layer.set_index("layer")["fd"]
+        missing = sorted(set(self.layers) - set(fd.index))
+        if missing:
+            raise ValueError(f"the MIR result has no FD for layers {missing} of the hidden states")
+        self.fd = fd.loc[self.layers]
+        if max_points < 2:
+            raise ValueError(f"max_points must be at least 2, got {max_points}")
+        self.max_points, self.seed = int(max_points), seed
+        self._cache: dict[int, tuple[pd.DataFrame, dict]] = {}
+
+        start = self.layers[0] if layer is None else layer
+        if start not in self.layers:
+            raise ValueError(f"layer {start} was not extracted; available: {self.layers}")
+        self.slider = widgets.SelectionSlider(options=self.layers, value=start, description="layer",
+                                              continuous_update=False, layout=widgets.Layout(width="420px"))
+        self.show = {m: widgets.ToggleButton(value=True, description=f"{m} tokens") for m in MODALITIES}
+        self.image = widgets.Image(format="png")
+        self.widget = widgets.VBox([widgets.HBox([self.slider, *self.show.values()]), self.image])
+        self.figure, self.axes = self._make_figure()
+        self.slider.observe(lambda _: self.render(), names="value")
+        for toggle in self.show.values():
+            toggle.observe(lambda _: self.render(), names="value")
+        self.render()
+
+    # --- state ----------------------------------------------------------------------------------------------
+
+    @property
+    def layer(self) -> int:
+        return int(self.slider.value)
+
+    @layer.setter
+    def layer(self, value: int) -> None:
+        if value not in self.layers:
+            raise ValueError(f"layer {value} was not extracted; available: {self.layers}")
+        self.slider.value = value
+
+    @property
+    def visible(self) -> list[str]:
+        return [m for m in MODALITIES if self.show[m].value]
+
+    def layer_data(self, layer: int) -> tuple[pd.DataFrame, dict]:
+        """(points, info) of one layer: points has modality, row, pc1, pc2, norm; info the scale and PCA."""
+        if layer not in self._cache:
+            vision, text = self.hidden_states.layer(layer)
+            scale = text_centric_scale(text)
+            rng = np.random.default_rng([self.seed, layer])
+            picks = {m: _subset(len(x), self.max_points, rng) for m, x in zip(MODALITIES, (vision, text))}
+            rows = np.concatenate([vision.double().numpy()[picks["image"]],
+                                   text.double().numpy()[picks["text"]]]) * scale
+            projected, explained = pca_2d(rows)
+            points = pd.DataFrame({
+                "modality": np.repeat(MODALITIES, [len(picks["image"]), len(picks["text"])]),
+                "row": np.concatenate([picks["image"], picks["text"]]),
+                "pc1": projected[:, 0], "pc2": projected[:, 1], "norm": row_norms(rows)})
+            info = {"layer": layer, "scale": scale, "explained": explained,
+                    "norm_ratio": float(row_norms(vision).mean() * scale)}
+            self._cache[layer] = (points, info)
+        return self._cache[layer]
+
+    def current_data(self) -> pd.DataFrame:
+        """The points drawn for the selected layer and visible modalities (modality, row, pc1, pc2, norm)."""
+        points, _ = self.layer_data(self.layer)
+        return points[points["modality"].isin(self.visible)].reset_index(drop=True)
+
+    # --- drawing --------------------------------------------------------------------------------------------
+
+    def _make_figure(self):
+        import seaborn as sns
+        from matplotlib.figure import Figure
+
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
+            figure = Figure(figsize=(13, 3.9), facecolor="white", layout="constrained")
+            panels = figure.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.3]})
+        return figure, dict(zip(("pca", "norms", "fd"), panels))
+
+    def render(self) -> None:
+        """Redraw the three panels for the selected layer and refresh the PNG in the widget."""
+        import seaborn as sns
+
+        points, info = self.layer_data(self.layer)
+        shown = self.current_data()
+        for ax in self.axes.values():
+            ax.clear()
+        pca, norms, fd = self.axes["pca"], self.axes["norms"], self.axes["fd"]
+        if len(shown):
+            sns.scatterplot(data=shown, x="pc1", y="pc2", hue="modality", palette=PALETTE, s=9, alpha=0.6,
+                            linewidth=0, ax=pca)
+            sns.histplot(data=shown, x="norm", hue="modality", palette=PALETTE, stat="density",
+                         common_norm=False, element="step", log_scale=True, bins=40, ax=norms)
+        else:
+            for ax in (pca, norms):
+                ax.text(0.5, 0.5, "no modality selected", ha="center", va="center", transform=ax.transAxes)
+        explained = info["explained"]
+        pca.set(title=f"layer {self.layer}: PCA of normalized rows", xlabel=f"PC1 ({100 * explained[0]:.0f}%)",
+                ylabel=f"PC2 ({100 * explained[1]:.0f}%)")
+        norms.set(title=f"row norms x s  (image/text mean = {info['norm_ratio']:.2f})",
+                  xlabel="||x|| / mean text norm")
+        colors = [HIGHLIGHT if k == self.layer else BAR_COLOR for k in self.layers]
+        fd.bar(self.layers, self.fd.to_numpy(), color=colors, width=0.8)
+        fd.set_yscale("log")
+        fd.set(title=f"FD per layer (MIR = {self.result.mir:.3f}); FD$_{{{self.layer}}}$ = "
+                     f"{self.fd.loc[self.layer]:.3g}", xlabel="decoder layer k", ylabel="FD$_k$")
+        for ax in self.axes.values():
+            ax.set_facecolor("white")
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=90, facecolor="white")
+        self.image.value = buffer.getvalue()
+
+    # --- display --------------------------------------------------------------------------------------------
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = repr(self)
+        return bundle
+
+    def __repr__(self) -> str:
+        return (f"LayerExplorer(layer {self.layer} of {self.layers[0]}..{self.layers[-1]}, "
+                f"showing {' + '.join(self.visible) or 'nothing'}, MIR {self.result.mir:.4f})")
