@@ -2,10 +2,14 @@
 
     python benchmarks/bench_extract.py                  # tiny random LLaVA, N=32, batch 4: about 2 min
     python benchmarks/bench_extract.py --n 100 --layers 8 --hidden 256 --batch-size 4 --threads 1
+    python benchmarks/bench_extract.py --model embedded --n 32 --batch-size 8   # the embedded real model
 
-Model: a random-weight LLaVA-1.5 built locally (CLIP 336 px / patch 14 -> 576 image tokens, LLM with
-``--layers`` decoder layers of width ``--hidden``, vocabulary 32000), so the shapes are LLaVA's but a forward
-pass costs milliseconds, not seconds. Pairs: random images and random-word texts (seeded).
+Models: ``--model tiny`` (default) is a random-weight LLaVA-1.5 built locally (CLIP 336 px / patch 14 -> 576
+image tokens, LLM with ``--layers`` decoder layers of width ``--hidden``, vocabulary 32000), so the shapes are
+LLaVA's but a forward pass costs milliseconds, not seconds; pairs are random images and random-word texts
+(seeded). ``--model embedded`` is mirlab's embedded tiny LLaVA (DINOv2-small + trained projector +
+SmolLM2-135M: 64 image tokens, 30 layers of width 576, vocabulary 49153) on the bundled sample pairs with prose
+passages as the text side (``mirlab.sample_pairs(n, text="prose")``), the CNN/DailyMail-like setting of the paper.
 
 Variants, each measured in its own subprocess (honest peak RSS) on the same model and pairs:
     official  the official mir.py loop: batch 1, generate(max_new_tokens=1, output_hidden_states=True,
@@ -53,6 +57,16 @@ def reset_peak_rss() -> None:
 
 
 def build(args):
+    """The model of ``--model``: a random LLaVA-1.5-shaped model (576 image tokens) or the embedded model."""
+    if args.model == "embedded":
+        import mirlab
+
+        model, processor = mirlab.embedded_model("final")
+        return model.eval(), processor
+    return build_tiny(args)
+
+
+def build_tiny(args):
     """A random LLaVA-1.5-shaped model (576 image tokens) with a tiny offline tokenizer."""
     import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
@@ -78,7 +92,12 @@ def build(args):
     return LlavaForConditionalGeneration(config).eval(), processor
 
 
-def make_pairs(n: int, seed: int = 0):
+def make_pairs(n: int, seed: int = 0, model: str = "tiny"):
+    if model == "embedded":
+        import mirlab
+
+        pairs = mirlab.sample_pairs(n, seed=seed, text="prose")
+        return [p[0] for p in pairs], [p[1] for p in pairs]
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -94,13 +113,15 @@ def official_style(model, processor, images, texts, args):
 
     image_id = model.config.image_token_id
     model.set_attn_implementation("eager")  # attention maps need eager attention
-    vision_rows = [[] for _ in range(args.layers)]
-    text_rows = [[] for _ in range(args.layers)]
+    n_layers = model.config.get_text_config().num_hidden_layers
+    vision_rows = [[] for _ in range(n_layers)]
+    text_rows = [[] for _ in range(n_layers)]
     for image, text in zip(images, texts):
         inputs = processor(images=image, text=render_prompt(processor, text).text, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_hidden_states=True,
-                                 output_attentions=True, return_dict_in_generate=True, pad_token_id=0)
+                                 output_attentions=True, return_dict_in_generate=True,
+                                 pad_token_id=processor.tokenizer.pad_token_id or 0)
         ids = inputs["input_ids"][0]
         image_positions = (ids == image_id).nonzero().flatten()
         start, end = int(image_positions[0]), int(image_positions[-1]) + 1
@@ -150,7 +171,7 @@ def measure(variant: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     model, processor = build(args)
-    images, texts = make_pairs(args.n)
+    images, texts = make_pairs(args.n, model=args.model)
     run = {"official": official_style, "mirlab": mirlab_extract, "bare": bare_forward, "bare-last": bare_last}[variant]
     run(model, processor, images[:2], texts[:2], args)  # warm-up (lazy inits, allocator)
     gc.collect()
@@ -168,6 +189,8 @@ def measure(variant: str, args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny",
+                        help="tiny random LLaVA-1.5 shapes (default) or the embedded real model")
     parser.add_argument("--n", type=int, default=32, help="pairs")
     parser.add_argument("--layers", type=int, default=8, help="LLM decoder layers")
     parser.add_argument("--hidden", type=int, default=256, help="LLM hidden size")
@@ -180,15 +203,16 @@ def main(argv=None) -> int:
         return 0
     results = {}
     for variant in VARIANTS:
-        child = [sys.executable, __file__, "--variant", variant, "--n", str(args.n), "--layers", str(args.layers),
+        child = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--n", str(args.n), "--layers", str(args.layers),
                  "--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         done = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)
             return 1
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"tiny random LLaVA: 576 image tokens, {args.layers} layers x {args.hidden}, N={args.n}, "
-          f"batch {args.batch_size}, {args.threads} torch thread(s)")
+    shape = ("embedded tiny LLaVA (final): 64 image tokens, 30 layers x 576, prose texts" if args.model == "embedded"
+             else f"tiny random LLaVA: 576 image tokens, {args.layers} layers x {args.hidden}")
+    print(f"{shape}, N={args.n}, batch {args.batch_size}, {args.threads} torch thread(s)")
     print(f"{'variant':10s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'peak RSS MiB':>13s} {'growth MiB':>11s}")
     for r in results.values():
         print(f"{r['variant']:10s} {r['tokens']:7d} {r['seconds']:8.2f} {r['tokens_per_s']:9.0f} "

@@ -54,7 +54,7 @@ def describe_checkpoint(name: str, out: Path) -> dict:
     with safe_open(str(checkpoint_path(name)), "pt") as f:
         meta = f.metadata()
     row = {"checkpoint": name, "recipe": meta.get("recipe", ""), "step": int(meta.get("step", -1)),
-           "lr": float(meta.get("lr", "nan"))}
+           "lr": float(meta.get("lr", "nan")), "train_loss": float("nan")}
     log = out / row["recipe"] / "log.csv"
     if row["step"] > 0 and log.is_file():
         losses = pd.read_csv(log).set_index("step")["loss"]
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
         previous = pd.read_csv(out / "evaluation.csv")
         table = pd.concat([previous[~previous["checkpoint"].isin(names)], table], ignore_index=True)
     table = table.sort_values("checkpoint", key=lambda c: c.map(lambda n: (n != "final", n)), ignore_index=True)
+    first = ["checkpoint", "recipe", "step", "lr", "train_loss"]
+    table = table[first + [c for c in table.columns if c not in first]]
     table.to_csv(out / "evaluation.csv", index=False, float_format="%.5g")
     print(table.to_string(index=False), flush=True)
 

@@ -9,7 +9,8 @@ The whole per-layer pipeline of MIR is recomputed on the replicate:
     3σ    : weighted lower median and unbiased std of the row norms (a row of weight w counts w times);
             flagged rows become the weighted per-dimension lower median ("replace") or leave ("drop")
     FD_k  = ||mu_v - mu_t||^2 + tr S_v + tr S_t - 2 ||R_v R_t^T||_*     with weighted means and
-            R = sqrt(w) (x - mu) / sqrt(N_rows - 1), so S = R^T R (duplicated rows are never copied)
+            R = sqrt(w) (x - mu) / sqrt(N_rows - 1), so S = R^T R (duplicated rows are never copied);
+            when both R have more rows than columns, the cross term is trace_sqrt_product(S_v, S_t) instead
     MIR_b = log10( sum_k FD_k )
 
 This equals MIR of the replicate's rows laid out one copy per draw (the tests check it against
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirlab.frechet import METHODS
+from mirlab.frechet import METHODS, trace_sqrt_product
 from mirlab.mir import OUTLIER_MODES, layer_fd
 from mirlab.normalize import check_rows
 
@@ -110,8 +111,14 @@ def weighted_outlier_mask(norms: np.ndarray, weights: np.ndarray, n_sigma: float
     return np.abs(norms - weighted_lower_median(norms, weights)) > n_sigma * std
 
 
-def _nuclear_norm(m: np.ndarray) -> float:
-    return float(torch.linalg.svdvals(torch.from_numpy(np.ascontiguousarray(m))).sum()) if m.size else 0.0
+def _cross_nuclear_norm(a: np.ndarray, b: np.ndarray) -> float:
+    """||a b^T||_* (sum of singular values), product and SVD both in torch.
+
+    (Mixing numpy's OpenBLAS GEMM with torch's LAPACK made each call several times slower on a busy 2-core
+    machine: the two thread pools compete.)
+    """
+    product = torch.from_numpy(a) @ torch.from_numpy(b).T
+    return float(torch.linalg.svdvals(product).sum()) if product.numel() else 0.0
 
 
 class _Modality:
@@ -154,10 +161,13 @@ def weighted_layer_fd(vision: _Modality, text: _Modality, vision_weights: np.nda
     mu_v, R_v = vision.factor(vision_weights, outliers, n_sigma)
     mu_t, R_t = text.factor(text_weights, outliers, n_sigma)
     traces = np.sum(R_v ** 2) + np.sum(R_t ** 2)
-    if min(len(R_v), len(R_t)) > R_v.shape[1]:  # R = Q U (U: d x d) and ||Q U X||_* = ||U X||_*
-        R_v, R_t = (torch.linalg.qr(torch.from_numpy(R), mode="r").R.numpy() for R in (R_v, R_t))
-    fd = np.sum((mu_v - mu_t) ** 2) + traces - 2.0 * _nuclear_norm(R_v @ R_t.T)
-    return float(max(fd, 0.0) * scale ** 2)
+    if min(len(R_v), len(R_t)) > R_v.shape[1]:  # both clouds have more rows than dimensions: d x d route
+        S_v, S_t = ((torch.from_numpy(R).T @ torch.from_numpy(R)).numpy() for R in (R_v, R_t))
+        cross = trace_sqrt_product(S_v, S_t)
+    else:
+        cross = _cross_nuclear_norm(R_v, R_t)
+    fd = np.sum((mu_v - mu_t) ** 2) + traces - 2.0 * cross
+    return float(max(fd, 0.0) * scale ** 2)  # FD >= 0; a negative value can only be rounding
 
 
 # --- resampling ---------------------------------------------------------------------------------------------------
@@ -204,6 +214,17 @@ def _check_options(n_boot, method, confidence, outliers, interval) -> None:
         raise ValueError(f"interval must be one of {INTERVALS}, got {interval!r}")
 
 
+def _known_point(result, method, outliers, n_sigma) -> dict | None:
+    """{layer: FD} of a given MIRResult, after checking it was computed with the same settings."""
+    if result is None:
+        return None
+    settings = (result.method, result.outliers, float(result.n_sigma))
+    if settings != (method, outliers, float(n_sigma)):
+        raise ValueError(f"result was computed with (method, outliers, n_sigma) = {settings}, "
+                         f"the bootstrap asks for {(method, outliers, float(n_sigma))}")
+    return dict(zip(result.per_layer["layer"].tolist(), result.per_layer["fd"].tolist()))
+
+
 def replicate_layer_fds(vision, text, counts: np.ndarray, sizes: dict[str, np.ndarray], method: str = "exact",
                         outliers: str = "replace", n_sigma: float = 3.0, layer="?") -> np.ndarray:
     """FD_k of one layer for every replicate (row b of counts): weighted route for "exact", else materialized."""
@@ -225,16 +246,19 @@ def replicate_layer_fds(vision, text, counts: np.ndarray, sizes: dict[str, np.nd
 
 def bootstrap_mir(hidden_states, n_boot: int = 200, seed: int = 0, method: str = "exact",
                   confidence: float = 0.95, interval: str = "percentile", outliers: str = "replace",
-                  n_sigma: float = 3.0, progress: bool = False) -> BootstrapResult:
+                  n_sigma: float = 3.0, result=None, progress: bool = False) -> BootstrapResult:
     """MIR of `hidden_states` with a bootstrap interval over pairs (see the module docstring).
 
     hidden_states: `mirlab.HiddenStates` (its `.samples` table says which rows belong to which pair; its
     layers are read one at a time). n_boot replicates drawn with `numpy.random.default_rng(seed)`: same
     seed, same result. interval: "percentile" or "basic". method / outliers / n_sigma: as in
-    `mirlab.compute_mir`. Returns a `BootstrapResult`; its `mir` equals compute_mir(hidden_states).mir.
+    `mirlab.compute_mir`. result: the MIRResult of the same states and settings, if already computed (its
+    per-layer FD is the point estimate, saving one FD per layer). Returns a `BootstrapResult`; its `mir`
+    equals compute_mir(hidden_states).mir.
     """
     _check_options(n_boot, method, confidence, outliers, interval)
     sizes = _pair_sizes(hidden_states)
+    known = _known_point(result, method, outliers, n_sigma)
     counts = pair_counts(len(sizes["text"]), int(n_boot), seed)
     from tqdm.auto import tqdm
     bar = tqdm(total=len(hidden_states) if hasattr(hidden_states, "__len__") else None,
@@ -247,7 +271,10 @@ def bootstrap_mir(hidden_states, n_boot: int = 200, seed: int = 0, method: str =
             if len(rows) != sizes[modality].sum():
                 raise ValueError(f"layer {layer}: {len(rows)} {modality} rows, but the samples table "
                                  f"accounts for {sizes[modality].sum()}")
-        point.append(layer_fd(vision, text, method, outliers, n_sigma, layer)["fd"])
+        if known is not None and layer not in known:
+            raise ValueError(f"result has no FD for layer {layer}")
+        point.append(known[layer] if known is not None else layer_fd(vision, text, method, outliers, n_sigma,
+                                                                      layer)["fd"])
         fds.append(replicate_layer_fds(vision, text, counts, sizes, method, outliers, n_sigma, layer))
         layers.append(layer)
         del vision, text

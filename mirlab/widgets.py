@@ -81,9 +81,14 @@ class LayerExplorer:
             raise ValueError(f"layer {start} was not extracted; available: {self.layers}")
         self.slider = widgets.SelectionSlider(options=self.layers, value=start, description="layer",
                                               continuous_update=False, layout=widgets.Layout(width="420px"))
-        self.show = {m: widgets.ToggleButton(value=True, description=f"{m} tokens") for m in MODALITIES}
+        self.show = {m: widgets.ToggleButton(value=True, description=f"{m} tokens", icon="check",
+                                             tooltip=f"show the {m} rows") for m in MODALITIES}
+        for toggle in self.show.values():  # the check mark says whether a modality is shown
+            toggle.observe(lambda change: setattr(change["owner"], "icon", "check" if change["new"] else ""),
+                           names="value")
         self.image = widgets.Image(format="png")
         self.widget = widgets.VBox([widgets.HBox([self.slider, *self.show.values()]), self.image])
+        self.widget.add_class("mirlab-layer-explorer")
         self.figure, self.axes = self._make_figure()
         self.slider.observe(lambda _: self.render(), names="value")
         for toggle in self.show.values():
@@ -144,8 +149,9 @@ class LayerExplorer:
     def render(self) -> None:
         """Redraw the three panels for the selected layer and refresh the PNG in the widget."""
         import seaborn as sns
+        from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
-        points, info = self.layer_data(self.layer)
+        _, info = self.layer_data(self.layer)
         shown = self.current_data()
         for ax in self.axes.values():
             ax.clear()
@@ -161,8 +167,12 @@ class LayerExplorer:
         explained = info["explained"]
         pca.set(title=f"layer {self.layer}: PCA of normalized rows", xlabel=f"PC1 ({100 * explained[0]:.0f}%)",
                 ylabel=f"PC2 ({100 * explained[1]:.0f}%)")
-        norms.set(title=f"row norms x s  (image/text mean = {info['norm_ratio']:.2f})",
+        norms.set(title=f"normalized row norms (image/text mean = {info['norm_ratio']:.2f})",
                   xlabel="||x|| / mean text norm")
+        if len(shown):  # plain numbers at 1, 1.5, 2, 3, 5, 7 x 10^n on the log axis (not "3x10^0" labels)
+            norms.xaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
+            norms.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+            norms.xaxis.set_minor_formatter(NullFormatter())
         colors = [HIGHLIGHT if k == self.layer else BAR_COLOR for k in self.layers]
         fd.bar(self.layers, self.fd.to_numpy(), color=colors, width=0.8)
         fd.set_yscale("log")

@@ -89,8 +89,8 @@ def test_weighted_replicate_fd_equals_layer_fd_of_the_materialized_replicate(out
     assert outliers == "none" or flagged > 0  # the outlier branch was exercised
 
 
-def test_more_rows_than_dimensions_in_both_clouds_takes_the_qr_route():
-    # d = 3 with dozens of rows per modality: both factors are reduced to 3 x 3 before the nuclear norm
+def test_more_rows_than_dimensions_in_both_clouds_takes_the_covariance_route():
+    # d = 3 with dozens of rows per modality: the cross term goes through the 3 x 3 covariances
     states = synthetic_states(n_pairs=6, d=3, outliers=False)
     sizes = {m: states.samples[f"n_{m}"].to_numpy() for m in ("vision", "text")}
     _, vision, text = next(iter(states))
@@ -114,6 +114,21 @@ def test_point_estimate_is_compute_mir_and_the_interval_contains_it():
     assert list(result.per_layer["layer"]) == [1, 2, 3]
     # MIR_b is log10 of the replicate's FD sum
     np.testing.assert_allclose(result.replicates, np.log10(result.replicate_fd.sum(axis=1)))
+
+
+def test_a_given_result_supplies_the_point_estimate():
+    states = synthetic_states()
+    result = compute_mir(iter(states))
+    given = bootstrap_mir(states, n_boot=10, seed=2, result=result)
+    fresh = bootstrap_mir(states, n_boot=10, seed=2)
+    assert given.mir == result.mir
+    np.testing.assert_array_equal(given.replicates, fresh.replicates)
+    np.testing.assert_allclose(given.per_layer["fd"], fresh.per_layer["fd"], rtol=1e-12)
+    with pytest.raises(ValueError, match="computed with"):
+        bootstrap_mir(states, n_boot=2, result=compute_mir(iter(states), outliers="none"))
+    partial = compute_mir([(1, *next(iter(states))[1:])])
+    with pytest.raises(ValueError, match="no FD for layer 2"):
+        bootstrap_mir(states, n_boot=2, result=partial)
 
 
 def test_each_layer_is_read_once():

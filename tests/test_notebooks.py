@@ -83,3 +83,35 @@ def test_grid_and_parameter_values_are_typed():
         {"seed": [0, 1, 2], "method": ["exact", "official-fast"]}
     with pytest.raises(SystemExit, match="key=v1"):
         _grid(["seed"])
+
+
+def test_mir_notebook_records_what_compute_mir_gives_on_the_same_cached_states(tmp_path, embedded_cache):
+    import numpy as np
+
+    import mirlab
+
+    notebook = Path(mirlab.course.NOTEBOOK_DIR) / "04_mir.ipynb"
+    cache = tmp_path / "cache"
+    parameters = {"n_samples": 6, "batch_size": 3, "layers": [1, 2, 15, 30], "n_boot": 8, "seed": 5,
+                  "cache_dir": str(cache), "parity_methods": ["official-fast"]}
+    record = run_notebook(notebook, tmp_path, parameters, tag="small")
+    assert record["n_pairs"] == 6 and record["n_boot"] == 8
+    # reopen the notebook's cached hidden states without the model and recompute MIR independently of the run
+    states = mirlab.HiddenStates(record["hidden_states_path"])
+    assert states.layers == [1, 2, 15, 30]
+    exact = mirlab.compute_mir(states)
+    fast = mirlab.compute_mir(states, method="official-fast")
+    assert record["mir"] == pytest.approx(exact.mir, rel=1e-12)
+    assert record["mir_official_fast"] == pytest.approx(fast.mir, rel=1e-12)
+    np.testing.assert_allclose(record["fd_per_layer"], exact.per_layer.fd, rtol=1e-12)
+    assert record["mir_low"] <= record["mir_high"] and record["mir_basic_low"] <= record["mir_basic_high"]
+
+
+def test_layer_explorer_notebook_with_injected_layers(tmp_path, embedded_cache):
+    import mirlab
+
+    notebook = Path(mirlab.course.NOTEBOOK_DIR) / "05_layer_explorer.ipynb"
+    record = run_notebook(notebook, tmp_path, {"n_samples": 4, "layers": [2, 9, 20], "show_layers": [9, 20],
+                                               "max_points": 100}, tag="small")
+    assert record["show_layers"] == [9, 20] and len(record["fd_at_shown_layers"]) == 2
+    assert all(v > 0 for v in record["fd_at_shown_layers"] + record["norm_ratio_at_shown_layers"])

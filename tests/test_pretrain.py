@@ -220,7 +220,7 @@ def test_retrieval_on_the_model_is_consistent_with_the_caption_loss(tiny):
     plain, tokens = evaluate.caption_logprobs(model, processor, features[torch.tensor([0, 0, 0, 1, 1, 1])], flat,
                                               batch_size=4)
     shared, shared_tokens = evaluate.candidate_logprobs(model, processor, features, candidates, scenes_per_batch=1)
-    torch.testing.assert_close(shared.flatten(), plain, atol=2e-3, rtol=1e-5)
+    torch.testing.assert_close(shared.flatten(), plain, atol=2e-4, rtol=1e-5)
     assert torch.equal(shared_tokens.flatten(), tokens)
 
 
