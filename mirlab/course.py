@@ -66,6 +66,28 @@ def run_notebook(
             **recorded}
 
 
+def export_figures(executed: str | Path, figures_dir: str | Path) -> list[Path]:
+    """Write every PNG output of an executed notebook to ``figures_dir/<stem>-<k>.png`` (k = 1, 2, ... in order).
+
+    Returns the written paths. This is how ``mirlab course`` turns the notebooks' figures into files.
+    """
+    import base64
+
+    import nbformat
+
+    executed, figures_dir = Path(executed), Path(figures_dir)
+    notebook = nbformat.read(executed, as_version=4)
+    pngs = [output["data"]["image/png"] for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, png in enumerate(pngs, start=1):
+        path = figures_dir / f"{executed.stem}-{k}.png"
+        path.write_bytes(base64.b64decode(png if isinstance(png, str) else "".join(png)))
+        paths.append(path)
+    return paths
+
+
 def _scalar_columns(row: Mapping[str, Any]) -> dict:
     """Keep the scalar entries of a results record (lists and tables stay in the JSON files)."""
     return {k: v for k, v in row.items() if isinstance(v, (str, int, float, bool)) or v is None}
@@ -104,7 +126,11 @@ def run_course(
     notebook_dir: str | Path = NOTEBOOK_DIR,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Execute every course notebook; write executed copies, ``results.json`` and ``results.csv``.
+    """Execute every course notebook; write executed copies, their figures, ``results.json`` and ``results.csv``.
+
+    Layout of ``out_dir``: ``notebooks/`` (executed copies), ``results/`` (each notebook's recorded JSON),
+    ``figures/`` (every figure as ``<notebook>-<k>.png``), ``results.json`` and ``results.csv`` (one row per
+    notebook, its scalar results).
 
     ``parameters`` are injected into every notebook (papermill ignores names a notebook doesn't declare).
     """
@@ -114,6 +140,8 @@ def run_course(
     records = []
     for notebook in tqdm(course_notebooks(notebook_dir), desc="course", disable=not progress):
         records.append(run_notebook(notebook, out_dir, parameters))
+        figures = export_figures(out_dir / "notebooks" / notebook.name, out_dir / "figures")
+        records[-1]["figures"] = len(figures)
     (out_dir / "results.json").write_text(json.dumps(records, indent=2, default=str))
     table = pd.DataFrame([_scalar_columns(r) for r in records])
     table.to_csv(out_dir / "results.csv", index=False)
@@ -154,7 +182,8 @@ def course_command(args) -> int:
     """Run every course notebook headless; write executed notebooks and a results table."""
     table = run_course(args.out, _parameters(args.parameter), args.notebooks)
     print(table.to_string(index=False))
-    print(f"wrote {args.out}/notebooks/*.ipynb, {args.out}/results.csv and {args.out}/results.json")
+    print(f"wrote {args.out}/notebooks/*.ipynb, {args.out}/figures/*.png, {args.out}/results.csv and "
+          f"{args.out}/results.json")
     return 0
 
 

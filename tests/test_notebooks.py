@@ -115,3 +115,27 @@ def test_layer_explorer_notebook_with_injected_layers(tmp_path, embedded_cache):
                                                "max_points": 100}, tag="small")
     assert record["show_layers"] == [9, 20] and len(record["fd_at_shown_layers"]) == 2
     assert all(v > 0 for v in record["fd_at_shown_layers"] + record["norm_ratio_at_shown_layers"])
+
+
+def test_course_writes_executed_notebooks_figures_and_a_results_table(tmp_path):
+    import base64
+    import shutil
+
+    import pandas as pd
+
+    import mirlab
+    from mirlab.course import run_course
+
+    course = tmp_path / "course"
+    course.mkdir()
+    shutil.copy(Path(mirlab.course.NOTEBOOK_DIR) / "03_frechet_distance.ipynb", course)
+    table = run_course(tmp_path / "out", {"d": 12, "n_layers": 3, "seed": 1}, notebook_dir=course, progress=False)
+    executed = nbformat.read(tmp_path / "out" / "notebooks" / "03_frechet_distance.ipynb", as_version=4)
+    pngs = [o["data"]["image/png"] for c in executed.cells if c.cell_type == "code" for o in c.outputs
+            if "image/png" in o.get("data", {})]
+    figures = sorted((tmp_path / "out" / "figures").glob("*.png"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    assert len(pngs) > 0 and len(figures) == len(pngs)
+    assert figures[0].read_bytes() == base64.b64decode(pngs[0]) and figures[0].read_bytes()[:4] == b"\x89PNG"
+    saved = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(saved["notebook"]) == ["03_frechet_distance"] and saved["d"].iloc[0] == 12
+    assert table["figures"].iloc[0] == len(pngs)
