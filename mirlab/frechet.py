@@ -12,11 +12,15 @@ nuclear norm (sum of singular values) ||F_x^T F_y||_*. Factors can be the centre
 
 Methods:
   "exact"             float64, mathematically correct; routes (fastest first):
-                      - n <= d (rank-deficient covariance): keep the centred rows as the factor;
-                        both small -> singular values of the n_x x n_y cross matrix X_c Y_c^T
-                      - n > d: L = cholesky(S_x), sum sqrt(eigvalsh(L^T S_y L)); if the eigenvalues are too
-                        close to 0 for the square root to be accurate, or Cholesky fails (singular S), the
-                        nuclear norm of the factors' product is used instead (singular values are stable).
+                      - n <= d (rank-deficient covariance): keep the centred rows (n - 1 of them after
+                        removing the all-ones direction) as the factor R;
+                        both small -> ||R_x R_y^T||_*, the other large -> ||R_y L_x||_* (L_x Cholesky),
+                        each as sum sqrt(eigvalsh) of the smaller Gram matrix;
+                      - both n > d: S = X_c^T X_c / (n - 1) by SYRK, L = cholesky(S_x),
+                        sum sqrt(eigvalsh(L^T S_y L)) with L^T S_y L from LAPACK dsygst;
+                      if eigenvalues are too close to 0 for their square roots to be accurate, or Cholesky
+                      fails (singular S), singular values of the factors' product are used instead
+                      (accurate to ~eps absolutely; slower).
   "official-accurate" the official --mode accurate: float32 covariances, tr(scipy.linalg.sqrtm(S_x S_y).real).
   "official-fast"     the official --mode fast (its default): float32 torch, A = S_x S_y, Y = A, Z = I, then
                       5 times  Y = (Y + Z^-1 A) / 2 ;  Z = (Z + Y^-1 A) / 2 ;  cross term = tr(Y).
@@ -75,24 +79,46 @@ def gaussian_stats(x) -> tuple[np.ndarray, np.ndarray]:
     The covariance is accumulated from *centred* float64 chunks (never E[x x^T] - mu mu^T, which cancels
     catastrophically when |mu| is large compared with the spread).
     """
-    return _stats64(_numpy(check_rows(x)))
+    mu, S = _stats64(_numpy(check_rows(x)))
+    S = np.tril(S)
+    return mu, S + np.tril(S, -1).T
 
 
 def _stats64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, S) with only the LOWER triangle of S filled (Fortran order, the layout LAPACK reads).
+
+    S = sum over row chunks of X_c^T X_c (BLAS dsyrk: one triangle, half the flops of a GEMM, accumulated
+    in place), / (n - 1). The chunks are centred into one reused float64 buffer.
+    """
     n, d = x.shape
     mu = x.mean(axis=0, dtype=np.float64)
-    cov = np.zeros((d, d))
-    step = max(1, CHUNK_ELEMENTS // d)
+    cov = np.zeros((d, d), order="F")
+    step = max(1, min(n, CHUNK_ELEMENTS // d))
+    buffer = np.empty((step, d))
     for start in range(0, n, step):
-        chunk = x[start:start + step].astype(np.float64) - mu
-        cov += chunk.T @ chunk
-    return mu, cov / (n - 1)
+        chunk = np.subtract(x[start:start + step], mu, out=buffer[:min(step, n - start)])
+        # chunk.T is a Fortran-ordered d x m view: S += chunk^T chunk, lower triangle, no copies
+        cov = scipy.linalg.blas.dsyrk(1.0, chunk.T, beta=1.0, c=cov, lower=1, overwrite_c=1)
+    cov /= n - 1
+    return mu, cov
 
 
 def _centred_factor_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, R) with R = (x - mu) / sqrt(n - 1) in float64, so that S = R^T R."""
+    """(mu, R) with R ((n - 1) x d, float64) such that S = R^T R: the deflated centred rows.
+
+    The centred rows X_c = x - mu sum to zero (1^T X_c = 0), so X_c / sqrt(n - 1) has a spurious null
+    direction. The Householder reflection H = I - 2 v v^T / v^T v with v = 1/sqrt(n) - e_1 maps 1/sqrt(n)
+    to e_1, so the first row of H X_c is 1^T X_c / sqrt(n) = 0 and R = (H X_c)[1:] / sqrt(n - 1) keeps
+    R^T R = S exactly; products of such factors then have no exact-zero singular value (O(n d) work).
+    """
+    n = x.shape[0]
     mu = x.mean(axis=0, dtype=np.float64)
-    return mu, (x.astype(np.float64) - mu) / np.sqrt(x.shape[0] - 1)
+    R = np.subtract(x, mu, dtype=np.float64)
+    v = np.full(n, 1.0 / np.sqrt(n))
+    v[0] -= 1.0
+    R = R[1:] - (2.0 / (v @ v) / np.sqrt(n)) * (v @ R)   # rows 1.. of H X_c (v_i = 1/sqrt(n) there)
+    R *= 1.0 / np.sqrt(n - 1)
+    return mu, R
 
 
 def _official_stats(x) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +132,12 @@ def _official_stats(x) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------
 # The cross term tr (S_x S_y)^{1/2}
 
-# Dense LAPACK calls go through torch: its CPU wheels use MKL, which measured ~1.4x faster than numpy's
-# OpenBLAS for cholesky/eigvalsh at d = 4096 on the 2-core dev machine (and degraded less under load).
-# Triangular products stay with scipy's BLAS (dtrmm), which torch lacks.
+# Which library runs what (measured at d = 4096, 1 thread, on the 2-core AMD dev machine): the symmetric
+# eigenvalues go through torch (MKL dsyevd, 2x faster than scipy's OpenBLAS here); covariances, Cholesky and
+# the congruence L^T S L go through scipy's BLAS/LAPACK (OpenBLAS dsyrk/dpotrf/dsygst; MKL's GEMM was 2x
+# slower on this CPU), reading one triangle of Fortran-ordered arrays in place.
+# Internally a covariance is a Fortran-ordered float64 array whose LOWER triangle holds S (the upper
+# triangle is never read); a symmetric C-ordered S qualifies through the view S.T.
 
 def _nuclear_norm(m: np.ndarray) -> float:
     """Sum of singular values; each is accurate to ~eps * ||m||, also the (near-)zero ones."""
@@ -117,23 +146,38 @@ def _nuclear_norm(m: np.ndarray) -> float:
     return float(torch.linalg.svdvals(torch.from_numpy(np.ascontiguousarray(m))).sum())
 
 
+def _nuclear_norm_gram(m: np.ndarray) -> float:
+    """||m||_* = sum_i sqrt(eigvalsh(G)) with the smaller Gram matrix G = m m^T or m^T m.
+
+    ~3-5x faster than singular values at the sizes used here (one SYRK and a symmetric eigenproblem), but
+    squaring puts an absolute error ~eps ||m||^2 on the eigenvalues: when that makes the square roots
+    inaccurate (near-zero singular values), the singular values are computed instead.
+    """
+    if m.size == 0:
+        return 0.0
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m   # numpy runs these as SYRK
+    w = _eigvalsh(gram)
+    fast = _sqrt_sum_if_accurate(w, float(w.max()))
+    return fast if fast is not None else _nuclear_norm(m)
+
+
 def _eigvalsh(M: np.ndarray) -> np.ndarray:
     """Eigenvalues of the symmetric matrix whose lower triangle is stored in M."""
     return torch.linalg.eigvalsh(torch.from_numpy(M), UPLO="L").numpy()
 
 
 def _cholesky(S: np.ndarray) -> np.ndarray | None:
-    """Lower Cholesky factor of S, or None when S is singular or too close to it.
+    """Lower Cholesky factor of S (lower triangle read; returned with zeros above), or None when S is
+    singular or too close to it.
 
     Cholesky of a singular PSD matrix may "succeed" with a pivot of rounding size (L_ii^2 ~ d eps ||S||),
     which would add a spurious direction of size sqrt(eps). Pivots below CHOLESKY_MIN_PIVOT * d * eps *
     max diag(S) are therefore refused (every pivot is >= lambda_min(S), so condition numbers up to ~1e9
     keep the fast route).
     """
-    L, info = torch.linalg.cholesky_ex(torch.from_numpy(S))
-    if info.item() != 0:
+    L, info = scipy.linalg.lapack.dpotrf(S, lower=1, clean=1)
+    if info != 0:
         return None
-    L = L.numpy()
     pivots = np.diagonal(L) ** 2
     if pivots.min() <= CHOLESKY_MIN_PIVOT * len(S) * EPS64 * np.diagonal(S).max():
         return None
@@ -143,10 +187,10 @@ def _cholesky(S: np.ndarray) -> np.ndarray | None:
 def eigen_factor(S: np.ndarray) -> np.ndarray:
     """F = V_r diag(sqrt(w_r)) (d x r) with F F^T = S, from the eigenvalues w > d * eps * max(w).
 
-    The dropped eigenvalues are rounding noise of a rank-r matrix (possibly slightly negative): treating
-    them as exactly 0 is what keeps the cross term accurate when S is singular.
+    Reads the lower triangle of S. The dropped eigenvalues are rounding noise of a rank-r matrix (possibly
+    slightly negative): treating them as exactly 0 is what keeps the cross term accurate when S is singular.
     """
-    w, V = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(S)))
+    w, V = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(S), UPLO="L"))
     keep = w > len(S) * EPS64 * max(w.max(), 0.0)
     return V[:, keep] * np.sqrt(w[keep])
 
@@ -155,6 +199,15 @@ def psd_factor(S: np.ndarray) -> np.ndarray:
     """A factor F with F F^T = S: Cholesky (d x d) when S is safely positive definite, else eigen factors."""
     L = _cholesky(S)
     return L if L is not None else eigen_factor(S)
+
+
+def _rows_times_factor(R: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """R F for rows R (m x d) and a factor F F^T = S: a triangular product (m d^2 flops) for Cholesky."""
+    L = _cholesky(S)
+    if L is None:
+        return R @ eigen_factor(S)
+    # R.T is R in Fortran order: dtrmm forms L^T R^T = (R L)^T without copying R
+    return scipy.linalg.blas.dtrmm(1.0, L, R.T, lower=1, trans_a=1).T
 
 
 def _sqrt_sum_if_accurate(w: np.ndarray, scale: float) -> float | None:
@@ -173,10 +226,14 @@ def _sqrt_sum_if_accurate(w: np.ndarray, scale: float) -> float | None:
 
 
 def _cholesky_route(L: np.ndarray, S2: np.ndarray) -> float | None:
-    """sum sqrt(eigvalsh(L^T S2 L)) with S1 = L L^T; the fastest route for full-rank covariances."""
-    U = np.asfortranarray(L.T)  # upper triangular L^T
-    W = scipy.linalg.blas.dtrmm(1.0, U, S2.T, side=0, lower=0)  # L^T S2 (S2.T: same matrix, no copy)
-    M = scipy.linalg.blas.dtrmm(1.0, U, W, side=1, lower=0, trans_a=1, overwrite_b=1)  # L^T S2 L
+    """sum sqrt(eigvalsh(L^T S2 L)) with S1 = L L^T (None if inaccurate); the fastest full-rank route.
+
+    L^T S2 L comes from LAPACK dsygst (itype 3), which uses the symmetry of S2: d^3 flops instead of the
+    2 d^3 of two triangular products. Only its lower triangle is formed, which is all eigvalsh reads.
+    """
+    M, info = scipy.linalg.lapack.dsygst(S2, L, itype=3, lower=1)
+    if info != 0:
+        raise RuntimeError(f"LAPACK dsygst failed (info={info})")
     w = _eigvalsh(M)
     return _sqrt_sum_if_accurate(w, float(w.max()))
 
@@ -195,6 +252,11 @@ def trace_sqrt_product(S1, S2) -> float:
     S1, S2 = (_check_covariance(S, name) for S, name in ((S1, "S1"), (S2, "S2")))
     if S1.shape != S2.shape:
         raise ValueError(f"S1 is {S1.shape[0]}x{S1.shape[0]} but S2 is {S2.shape[0]}x{S2.shape[0]}")
+    return _trace_sqrt_lower(S1.T, S2.T)
+
+
+def _trace_sqrt_lower(S1: np.ndarray, S2: np.ndarray) -> float:
+    """trace_sqrt_product without input checks, for internal covariances (lower triangles, Fortran order)."""
     L = _cholesky(S1)
     if L is not None:
         fast = _cholesky_route(L, S2)
@@ -205,19 +267,24 @@ def trace_sqrt_product(S1, S2) -> float:
 
 
 def _check_covariance(S, name: str) -> np.ndarray:
+    """S as a symmetric float64 array ((S + S^T) / 2), after checking shape, finiteness and symmetry."""
     S = np.asarray(_numpy(S), dtype=np.float64)
     if S.ndim != 2 or S.shape[0] != S.shape[1] or S.shape[0] == 0:
         raise ValueError(f"{name}: expected a square d x d covariance, got shape {S.shape}")
     if not np.isfinite(S).all():
         raise ValueError(f"{name}: covariance contains NaN/inf")
-    asym = np.abs(S - S.T).max()
+    D = S - S.T                                     # antisymmetric part, times 2
+    asym = max(float(D.max()), -float(D.min()))
     if asym > 1e-6 * max(np.abs(S).max(), np.finfo(np.float64).tiny):
         raise ValueError(f"{name}: covariance is not symmetric (max |S - S^T| = {asym:.3g})")
-    return (S + S.T) / 2
+    D *= -0.5
+    D += S                                          # S - (S - S^T) / 2 = (S + S^T) / 2
+    return D
 
 
 class _Cloud(NamedTuple):
-    """A token cloud reduced to what the exact FD needs: mean, tr S, and either S or rows R (S = R^T R)."""
+    """A token cloud reduced to what the exact FD needs: mean, tr S, and either S (lower triangle, Fortran
+    order, see _stats64) or rows R (S = R^T R)."""
     mu: np.ndarray
     trace: float
     cov: np.ndarray | None
@@ -234,13 +301,13 @@ def _cloud(x: np.ndarray) -> _Cloud:
 
 
 def _cross_term(a: _Cloud, b: _Cloud) -> float:
-    if a.rows is not None and b.rows is not None:   # ||R_a R_b^T||_*  (n_a x n_b)
-        return _nuclear_norm(a.rows @ b.rows.T)
+    if a.rows is not None and b.rows is not None:   # ||R_a R_b^T||_*  (n_a - 1 x n_b - 1)
+        return _nuclear_norm_gram(a.rows @ b.rows.T)
     if a.rows is not None:
         a, b = b, a
-    if b.rows is not None:                            # ||R_b F_a||_*  (n_b x d)
-        return _nuclear_norm(b.rows @ psd_factor(a.cov))
-    return trace_sqrt_product(a.cov, b.cov)
+    if b.rows is not None:                            # ||R_b F_a||_*  (n_b - 1 x d)
+        return _nuclear_norm_gram(_rows_times_factor(b.rows, a.cov))
+    return _trace_sqrt_lower(a.cov, b.cov)
 
 
 def _assemble(mean_term: float, tr1: float, tr2: float, cross: float) -> float:
@@ -293,7 +360,7 @@ def frechet_from_stats(mu1, S1, mu2, S2, method: str = "exact") -> float:
     if not (np.isfinite(mu1).all() and np.isfinite(mu2).all()):
         raise ValueError("mean vector contains NaN/inf")
     if method == "exact":
-        cross = trace_sqrt_product(S1, S2)
+        cross = _trace_sqrt_lower(S1.T, S2.T)   # S1, S2 are checked and symmetric: S.T is S in Fortran order
         return _assemble(float(np.sum((mu1 - mu2) ** 2)), float(np.trace(S1)), float(np.trace(S2)), cross)
     return _official_fd(torch.from_numpy(mu1).float(), torch.from_numpy(S1).float(),
                         torch.from_numpy(mu2).float(), torch.from_numpy(S2).float(), method)
@@ -317,8 +384,8 @@ def frechet_distance(x, y, method: str = "exact") -> float:
 
     method="exact" (default): float64 and correct, never complex/NaN, >= 0 up to rounding. Routes: a cloud
     with n <= d rows is kept as its centred rows (an exact factor of its covariance, cheap), so two small
-    clouds need only the singular values of the n x m cross matrix; larger clouds go through their
-    covariance, Cholesky and symmetric eigenvalues (see trace_sqrt_product).
+    clouds need only the eigenvalues of an (n - 1) x (m - 1) Gram matrix; larger clouds go through their
+    covariance, Cholesky and symmetric eigenvalues (see trace_sqrt_product and the module docstring).
     method="official-fast" / "official-accurate": the official script's arithmetic in float32, for
     comparison with published tables; "official-fast" is defective (see the module docstring): it
     computes tr(S_x S_y) instead of tr((S_x S_y)^{1/2}), so its FD is too high, more so in deep layers.

@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 
 from mirlab import frechet_distance, frechet_from_stats, gaussian_stats, trace_sqrt_product
+from mirlab.frechet import _centred_factor_rows, _nuclear_norm_gram
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,11 +69,14 @@ def shaped_rows(n, mu, variances, rotation, seed):
     return np.sqrt(n - 1) * (coords * np.sqrt(variances)) @ rotation.T + mu
 
 
-@pytest.mark.parametrize("n, support_x, support_y", [
-    (80, slice(0, 40), slice(0, 40)),             # n > d, full rank
-    (20, slice(0, 19), slice(10, 29)),            # n <= d, partially overlapping supports
+@pytest.mark.parametrize("n_x, n_y, support_x, support_y", [
+    (80, 80, slice(0, 40), slice(0, 40)),           # n > d, full rank
+    (20, 20, slice(0, 19), slice(10, 29)),          # n <= d, partially overlapping supports
+    (120, 20, slice(0, 40), slice(10, 15)),         # x full rank, y small of rank 5: Gram guard -> svdvals
+    (100, 20, slice(0, 30), slice(5, 24)),          # x has n > d but a singular covariance (eigen factor)
+    (100, 120, slice(0, 30), slice(10, 40)),        # both n > d, both singular
 ])
-def test_closed_form_commuting_covariances(n, support_x, support_y):
+def test_closed_form_commuting_covariances(n_x, n_y, support_x, support_y):
     d = 40
     rng = np.random.default_rng(5)
     rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
@@ -80,12 +84,33 @@ def test_closed_form_commuting_covariances(n, support_x, support_y):
     a[support_x] = rng.uniform(0.1, 4.0, support_x.stop - support_x.start)
     b[support_y] = rng.uniform(0.1, 4.0, support_y.stop - support_y.start)
     mu_x, mu_y = rng.standard_normal(d), rng.standard_normal(d)
-    x = shaped_rows(n, mu_x, a, rotation, seed=1)
-    y = shaped_rows(n, mu_y, b, rotation, seed=2)
+    x = shaped_rows(n_x, mu_x, a, rotation, seed=1)
+    y = shaped_rows(n_y, mu_y, b, rotation, seed=2)
     expected = np.sum((mu_x - mu_y) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(y, x) == pytest.approx(expected, rel=1e-10)
     Sx, Sy = rotation @ np.diag(a) @ rotation.T, rotation @ np.diag(b) @ rotation.T
     assert frechet_from_stats(mu_x, Sx, mu_y, Sy) == pytest.approx(expected, rel=1e-9)
+
+
+def test_deflated_centred_rows_factor_the_covariance():
+    x = cloud(30, 50, seed=4, offset=3.0)
+    mu, R = _centred_factor_rows(x)
+    assert R.shape == (29, 50)                       # the all-ones direction is removed
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(R.T @ R, np.cov(x, rowvar=False), rtol=1e-12, atol=1e-14)
+    assert np.linalg.svd(R, compute_uv=False).min() > 1e-6   # no exact-zero singular value left
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_gram_nuclear_norm_matches_singular_values(rank):
+    rng = np.random.default_rng(6)
+    m = rng.standard_normal((30, 70)) * np.logspace(0, -3, 70)
+    if rank is not None:                             # near-zero singular values: the guard falls back
+        m = rng.standard_normal((30, rank)) @ rng.standard_normal((rank, 70))
+    expected = np.linalg.svd(m, compute_uv=False).sum()
+    assert _nuclear_norm_gram(m) == pytest.approx(expected, rel=1e-13)
+    assert _nuclear_norm_gram(m.T) == pytest.approx(expected, rel=1e-13)
 
 
 def mp_trace_sqrt(S1, S2, digits=40):
