@@ -35,3 +35,4 @@ from .evaluate import (caption_retrieval, captioning_scores, captioning_summary,
 # --- course: widgets / bootstrap -----------------------------------------------------------------
 from mirlab.bootstrap import BootstrapResult, bootstrap_mir  # noqa: E402
 from mirlab.widgets import LayerExplorer  # noqa: E402
+from mirlab import dynamics  # noqa: E402  (MIR across the shipped projector checkpoints; notebook 06)
