@@ -284,9 +284,9 @@ def bootstrap_mir(hidden_states, n_boot: int = 200, seed: int = 0, method: str =
         raise ValueError("no layers: hidden_states yielded nothing")
     fds = np.stack(fds, axis=1)
     totals = fds.sum(axis=1)
-    if not sum(point) > 0 or not (totals > 0).all():
+    if not math.fsum(point) > 0 or not (totals > 0).all():
         raise ValueError("a sum of per-layer FD is 0: MIR = log10(sum) is undefined")
-    mir, replicates = math.log10(sum(point)), np.log10(totals)
+    mir, replicates = math.log10(math.fsum(point)), np.log10(totals)  # fsum, as compute_mir: bit-identical MIR
     low, high = bootstrap_interval(mir, replicates, confidence, interval)
     fd_low, fd_high = bootstrap_interval(point, fds, confidence, interval)
     per_layer = pd.DataFrame({"layer": layers, "fd": point, "fd_low": fd_low, "fd_high": fd_high})

@@ -167,7 +167,7 @@ def compute_mir(layers: Iterable, method: str = "exact", outliers: str = "replac
     if not rows:
         raise ValueError("no layers: the layer iterable was empty")
     per_layer = _layer_frame(rows)
-    total = float(per_layer["fd"].sum())
+    total = math.fsum(per_layer["fd"])  # correctly rounded: the same MIR whatever the summation order
     if not total > 0:
         raise ValueError(f"sum of per-layer FD is {total:.6g}: MIR = log10(sum) is undefined")
     return MIRResult(math.log10(total), per_layer, method, outliers, float(n_sigma))
