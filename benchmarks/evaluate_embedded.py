@@ -11,10 +11,10 @@ A metric is a function `metric(model, processor, data) -> dict of columns`, list
 Metrics (see mirlab.evaluate): caption retrieval among the true caption and K=3 one-word distractors
 (chance 0.25), pairwise win rates per distractor kind, held-out caption loss. Greedy captioning (slower) runs
 on the final checkpoint and on the random init only: captioning.csv (mention scores vs chance), captions.csv
-(the generated captions). Checkpoints with identical bytes (each recipe's step 0; final) are evaluated once.
+(the generated captions). Checkpoints with identical projector tensors (each recipe's step 0; final) are
+evaluated once.
 """
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from mirlab import evaluate, pretrain
+from mirlab.dynamics import checkpoint_digest
 from mirlab.embedded import checkpoint_path, embedded_checkpoints, embedded_model, load_projector, projector_dir
 from mirlab.scenes import scene_dataset
 
@@ -62,18 +63,18 @@ def describe_checkpoint(name: str, out: Path) -> dict:
     return row
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def order_checkpoints(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted as in the shipped tables: "final" first, then the trajectories by name."""
+    return table.sort_values("checkpoint", key=lambda c: c.map(lambda n: (n != "final", n)), ignore_index=True)
 
 
 def evaluate_checkpoints(model, processor, data, names, out: Path) -> pd.DataFrame:
     rows, done = [], {}
     for name in names:
         start = time.perf_counter()
-        path = checkpoint_path(name)
-        digest = file_digest(path)
+        digest = checkpoint_digest(name)  # identical projector tensors are evaluated once
         if digest not in done:
-            load_projector(model, path)
+            load_projector(model, checkpoint_path(name))
             done[digest] = {k: v for metric in METRICS for k, v in metric(model, processor, data).items()}
         rows.append({**describe_checkpoint(name, out), **done[digest]})
         print(f"{name:22s} " + " ".join(f"{k}={v:.4g}" for k, v in done[digest].items() if isinstance(v, float))
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     if args.append and (out / "evaluation.csv").is_file():
         previous = pd.read_csv(out / "evaluation.csv")
         table = pd.concat([previous[~previous["checkpoint"].isin(names)], table], ignore_index=True)
-    table = table.sort_values("checkpoint", key=lambda c: c.map(lambda n: (n != "final", n)), ignore_index=True)
+    table = order_checkpoints(table)
     first = ["checkpoint", "recipe", "step", "lr", "train_loss"]
     table = table[first + [c for c in table.columns if c not in first]]
     table.to_csv(out / "evaluation.csv", index=False, float_format="%.5g")

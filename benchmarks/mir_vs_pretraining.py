@@ -36,7 +36,10 @@ import torch
 
 import mirlab
 from mirlab import dynamics
-from mirlab.embedded import checkpoint_path, projector_dir
+from mirlab.embedded import projector_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate_embedded import describe_checkpoint, order_checkpoints  # noqa: E402  (recipe/step/ordering as there)
 
 N_PAIRS = 64
 EVAL_SEED = 0
@@ -56,24 +59,10 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def describe(name: str) -> dict:
-    """recipe and step of a checkpoint, from the metadata stored in its file."""
-    from safetensors import safe_open
-
-    with safe_open(str(checkpoint_path(name)), "pt") as f:
-        meta = f.metadata()
-    return {"checkpoint": name, "recipe": meta.get("recipe", ""), "step": int(meta.get("step", -1))}
-
-
-def order(table: pd.DataFrame) -> pd.DataFrame:
-    """final first, then the trajectories by name (as evaluation.csv)."""
-    return table.sort_values("checkpoint", key=lambda c: c.map(lambda n: (n != "final", n)), ignore_index=True)
-
-
 def join_evaluation(table: pd.DataFrame, out: Path) -> pd.DataFrame:
     evaluation = dynamics.load_table("evaluation", out)[["checkpoint", "retrieval_accuracy", "heldout_caption_loss"]]
     table = table.drop(columns=[c for c in ("retrieval_accuracy", "heldout_caption_loss") if c in table.columns])
-    return order(table.merge(evaluation, on="checkpoint", how="left"))[dynamics.MIR_COLUMNS]
+    return order_checkpoints(table.merge(evaluation, on="checkpoint", how="left"))[dynamics.MIR_COLUMNS]
 
 
 def previous_rows(path: Path, n_pairs: int) -> pd.DataFrame:
@@ -113,7 +102,7 @@ def checkpoint_table(names, n_pairs: int, out: Path, timings: dict) -> pd.DataFr
         timings[first] = {"extract_s": round(extracted - start, 1), "total_s": round(seconds, 1),
                           "rows": same}
         del states, model
-        rows = pd.DataFrame([{**describe(name), "n_pairs": n_pairs, "mir_exact": exact.mir,
+        rows = pd.DataFrame([{**describe_checkpoint(name, out), "n_pairs": n_pairs, "mir_exact": exact.mir,
                               "mir_official_fast": fast.mir} for name in same])
         table = table[~table["checkpoint"].isin(same)]
         table = join_evaluation(pd.concat([table, rows], ignore_index=True) if len(table) else rows, out)

@@ -10,7 +10,7 @@ The whole per-layer pipeline of MIR is recomputed on the replicate:
             flagged rows become the weighted per-dimension lower median ("replace") or leave ("drop")
     FD_k  = ||mu_v - mu_t||^2 + tr S_v + tr S_t - 2 ||R_v R_t^T||_*     with weighted means and
             R = sqrt(w) (x - mu) / sqrt(N_rows - 1), so S = R^T R (duplicated rows are never copied);
-            when both R have more rows than columns, the cross term is trace_sqrt_product(S_v, S_t) instead
+            when both R have more rows than columns, the cross term goes through S = R^T R (trace_sqrt_of_factors)
     MIR_b = log10( sum_k FD_k )
 
 This equals MIR of the replicate's rows laid out one copy per draw (the tests check it against
@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirlab.frechet import METHODS, trace_sqrt_product
+from mirlab.frechet import METHODS, trace_sqrt_of_factors
 from mirlab.mir import OUTLIER_MODES, layer_fd
 from mirlab.normalize import check_rows
 
@@ -162,8 +162,7 @@ def weighted_layer_fd(vision: _Modality, text: _Modality, vision_weights: np.nda
     mu_t, R_t = text.factor(text_weights, outliers, n_sigma)
     traces = np.sum(R_v ** 2) + np.sum(R_t ** 2)
     if min(len(R_v), len(R_t)) > R_v.shape[1]:  # both clouds have more rows than dimensions: d x d route
-        S_v, S_t = ((torch.from_numpy(R).T @ torch.from_numpy(R)).numpy() for R in (R_v, R_t))
-        cross = trace_sqrt_product(S_v, S_t)
+        cross = trace_sqrt_of_factors(R_v, R_t)
     else:
         cross = _cross_nuclear_norm(R_v, R_t)
     fd = np.sum((mu_v - mu_t) ** 2) + traces - 2.0 * cross

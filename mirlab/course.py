@@ -30,6 +30,12 @@ def course_notebooks(notebook_dir: str | Path = NOTEBOOK_DIR) -> list[Path]:
     return sorted(p for p in notebook_dir.glob("[0-9][0-9]_*.ipynb"))
 
 
+def executed_path(notebook: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+    """Where run_notebook writes the executed copy: ``out_dir/notebooks/<stem>[-<tag>].ipynb``."""
+    stem = Path(notebook).stem
+    return Path(out_dir) / "notebooks" / (f"{stem}.ipynb" if tag is None else f"{stem}-{tag}.ipynb")
+
+
 def run_notebook(
     notebook: str | Path,
     out_dir: str | Path,
@@ -48,9 +54,8 @@ def run_notebook(
     notebook, out_dir = Path(notebook), Path(out_dir)
     if not notebook.is_file():
         raise FileNotFoundError(f"notebook not found: {notebook}")
-    name = notebook.stem if tag is None else f"{notebook.stem}-{tag}"
-    executed = out_dir / "notebooks" / f"{name}.ipynb"
-    results_path = out_dir / "results" / f"{name}.json"
+    executed = executed_path(notebook, out_dir, tag)
+    results_path = out_dir / "results" / f"{executed.stem}.json"
     executed.parent.mkdir(parents=True, exist_ok=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     params = dict(parameters or {})
@@ -140,7 +145,7 @@ def run_course(
     records = []
     for notebook in tqdm(course_notebooks(notebook_dir), desc="course", disable=not progress):
         records.append(run_notebook(notebook, out_dir, parameters))
-        figures = export_figures(out_dir / "notebooks" / notebook.name, out_dir / "figures")
+        figures = export_figures(executed_path(notebook, out_dir), out_dir / "figures")
         records[-1]["figures"] = len(figures)
     (out_dir / "results.json").write_text(json.dumps(records, indent=2, default=str))
     table = pd.DataFrame([_scalar_columns(r) for r in records])

@@ -103,7 +103,7 @@ def subset_layers(hidden_states, pairs):
 
     hidden_states: a `mirlab.HiddenStates` (or anything with a `.samples` table holding n_vision and n_text per
     kept pair, in row order, that iterates (layer, vision_rows, text_rows)). pairs: positions in that table
-    (0 .. n_pairs - 1). The result feeds `mirlab.compute_mir` directly: MIR of a subset equals MIR of
+    (0 .. n_pairs - 1; rows come in pair order, a position given twice counts twice). The result feeds `mirlab.compute_mir` directly: MIR of a subset equals MIR of
     extracting only those pairs (each pair's rows do not depend on the other pairs of its batch, up to
     float32 rounding of batched matrix products).
     """
@@ -113,11 +113,10 @@ def subset_layers(hidden_states, pairs):
         raise ValueError("pairs must be a non-empty 1-d list of positions")
     if pairs.min() < 0 or pairs.max() >= len(samples):
         raise ValueError(f"pair positions must be in [0, {len(samples) - 1}], got {pairs.min()}..{pairs.max()}")
-    index = {}
-    for modality in ("vision", "text"):
-        sizes = samples[f"n_{modality}"].to_numpy(dtype=np.int64)
-        starts = np.cumsum(sizes) - sizes
-        index[modality] = np.concatenate([np.arange(starts[p], starts[p] + sizes[p]) for p in pairs])
+    from mirlab.bootstrap import replicate_rows
+
+    counts = np.bincount(pairs, minlength=len(samples))  # a subset is a replicate that draws each pair once
+    index = {m: replicate_rows(counts, samples[f"n_{m}"].to_numpy(dtype=np.int64)) for m in ("vision", "text")}
     for item in hidden_states:
         layer, vision, text = item
         del item

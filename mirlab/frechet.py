@@ -255,6 +255,16 @@ def trace_sqrt_product(S1, S2) -> float:
     return _trace_sqrt_lower(S1.T, S2.T)
 
 
+def trace_sqrt_of_factors(R1: np.ndarray, R2: np.ndarray) -> float:
+    """tr (S1 S2)^{1/2} for S = R^T R, given float64 factor rows R (m x d; meant for m > d).
+
+    Each covariance is formed by SYRK (one triangle, half the flops of R^T R as a GEMM), already in the
+    layout the Cholesky/eigenvalue route reads, so nothing is re-checked or symmetrized.
+    """
+    S1, S2 = (scipy.linalg.blas.dsyrk(1.0, np.ascontiguousarray(R, dtype=np.float64).T, lower=1) for R in (R1, R2))
+    return _trace_sqrt_lower(S1, S2)
+
+
 def _trace_sqrt_lower(S1: np.ndarray, S2: np.ndarray) -> float:
     """trace_sqrt_product without input checks, for internal covariances (lower triangles, Fortran order)."""
     L = _cholesky(S1)

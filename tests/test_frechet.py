@@ -250,3 +250,11 @@ def test_benchmark_quick_runs(tmp_path):
     table = pd.read_csv(out)
     assert {"d", "n", "method", "seconds", "rel_error"} <= set(table.columns)
     assert (table.loc[table.method == "exact", "rel_error"] <= 1e-9).all()
+
+
+def test_trace_sqrt_of_factors_equals_the_covariance_route():
+    from mirlab.frechet import trace_sqrt_of_factors, trace_sqrt_product
+
+    rng = np.random.default_rng(7)
+    R1, R2 = rng.normal(size=(40, 6)) * np.arange(1, 7), rng.normal(size=(25, 6))
+    assert trace_sqrt_of_factors(R1, R2) == pytest.approx(trace_sqrt_product(R1.T @ R1, R2.T @ R2), rel=1e-12)
