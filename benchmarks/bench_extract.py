@@ -61,7 +61,7 @@ def build(args):
     if args.model == "embedded":
         import mirlab
 
-        model, processor = mirlab.embedded_model("final")
+        model, processor = mirlab.tiny.embedded_model("final")
         return model.eval(), processor
     return build_tiny(args)
 
@@ -109,7 +109,7 @@ def make_pairs(n: int, seed: int = 0, model: str = "tiny"):
 def official_style(model, processor, images, texts, args):
     """Batch 1, generate with hidden states and attention maps, every layer's rows kept (as mir.py does)."""
     import torch
-    from mirlab.models import render_prompt
+    from mirlab.lvlm.models import render_prompt
 
     image_id = model.config.image_token_id
     model.set_attn_implementation("eager")  # attention maps need eager attention
@@ -133,7 +133,7 @@ def official_style(model, processor, images, texts, args):
 
 
 def mirlab_extract(model, processor, images, texts, args):
-    from mirlab.extract import extract_hidden_states
+    from mirlab.lvlm.extract import extract_hidden_states
 
     states = extract_hidden_states(model, processor, images, texts, batch_size=args.batch_size, progress=False)
     for _, vision, text in states:
@@ -143,8 +143,8 @@ def mirlab_extract(model, processor, images, texts, args):
 
 def bare_forward(model, processor, images, texts, args, **extra):
     import torch
-    from mirlab.extract import model_inputs
-    from mirlab.models import render_prompt
+    from mirlab.lvlm.extract import model_inputs
+    from mirlab.lvlm.models import render_prompt
 
     for start in range(0, len(texts), args.batch_size):
         batch = slice(start, start + args.batch_size)
@@ -159,7 +159,7 @@ def bare_last(model, processor, images, texts, args):
 
 def count_tokens(processor, images, texts) -> int:
     """Non-pad tokens the LLM sees over all pairs (same prompts for every variant)."""
-    from mirlab.models import render_prompt
+    from mirlab.lvlm.models import render_prompt
 
     return sum(int(processor(images=image, text=render_prompt(processor, text).text,
                              return_tensors="pt")["attention_mask"].sum()) for image, text in zip(images, texts))

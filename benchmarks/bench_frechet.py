@@ -7,7 +7,7 @@ token clouds are drawn, their float64 statistics computed once, and then timed (
     covariances    np.cov of both clouds in float64: what the baselines below start from
     exact          mirlab's cross term after its statistics (both n <= d: eigenvalues of the Gram of the
                    row cross product; one n <= d: rows times the other's Cholesky factor, same; both n > d:
-                   Cholesky + dsygst + eigvalsh; see mirlab.frechet)
+                   Cholesky + dsygst + eigvalsh; see mirlab.metrics.frechet)
     exact-e2e      mirlab.frechet_distance(x, y) end to end, statistics included
     sqrtm          tr(scipy.linalg.sqrtm(S_v S_t)).real on the float64 covariances (official accurate mode,
                    pytorch-fid route)
@@ -38,7 +38,7 @@ import scipy
 import scipy.linalg
 import torch
 
-from mirlab.frechet import _cloud, _cross_term, frechet_distance, official_fast_trace
+from mirlab.metrics.frechet import _cloud, _cross_term, frechet_distance, official_fast_trace
 
 
 def token_cloud(n: int, d: int, seed: int, decades: float) -> np.ndarray:

@@ -1,38 +1,66 @@
 """mirlab: see and measure the Modality Integration Rate (MIR) of vision-language models.
 
-MIR (arXiv 2410.07167) = log10( sum over decoder layers of the Fréchet distance between the
-text-centrically normalized, outlier-cleaned hidden states of image tokens and of text tokens ).
-Lower MIR = modalities better integrated by pre-training.
+MIR (arXiv 2410.07167, Eq. 4) = log10( sum over decoder layers k of FD_k ), where FD_k is the Fréchet
+distance between the text-centrically scaled, outlier-handled hidden states of the image tokens and of the
+text tokens at layer k. Lower MIR = modalities better integrated. See docs/architecture.md.
 
-The data flow is one-directional:
-    data/samples/scenes -> models/embedded -> extract -> normalize -> frechet -> mir -> plots/widgets/cli
-Each block below re-exports one module's public API.
+The package is four wings and a front:
+
+    mirlab.pairs     (image, text) pairs: folder/JSONL readers, bundled samples, synthetic scenes
+    mirlab.lvlm      any Hugging Face LVLM: load, find image/text rows, batched extraction, the row store
+    mirlab.metrics   per-layer preparation, Fréchet distance, MIR, bootstrap (and the place new metrics go)
+    mirlab.tiny      the embedded tiny LLaVA: build, trainable state, pre-training, evaluation
+    mirlab.study     experiments that combine the tiny model with the metrics (MIR along pre-training)
+    front            run_mir / load_model, plots, the LayerExplorer widget, the course, the CLI
+
+Everything below is imported lazily on first use, so ``import mirlab`` (and ``mirlab --help``) stays light.
 """
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-# --- math: normalize / frechet / mir -----------------------------------------------------------
-from mirlab.normalize import replace_outliers, text_centric_scale
-from mirlab.frechet import (
-    METHODS as FRECHET_METHODS, frechet_distance, frechet_from_stats, gaussian_stats, trace_sqrt_product,
-)
-from mirlab.mir import MIRResult, compute_mir, layer_fd
-# --- extraction: data / models / extract / run ---------------------------------------------------
-from mirlab.data import Pairs, folder_pairs, jsonl_pairs, load_image, read_story  # noqa: E402
-from mirlab.models import image_token_id, load_model, model_fingerprint, render_prompt  # noqa: E402
-from mirlab.extract import HiddenStates, PairError, extract_hidden_states, select_rows  # noqa: E402
-from mirlab.plots import per_layer_figure  # noqa: E402
-from mirlab.run import run_mir  # noqa: E402
-# --- embedded model: samples / scenes / embedded / pretrain -------------------------------------
-from .embedded import (build_base_model, embedded_checkpoints, embedded_model, load_projector,  # noqa: E402
-                       projector_shapes, save_projector)
-from .samples import photo_records, prose_passages, sample_pairs, sample_photos  # noqa: E402
-from .scenes import (SceneDataset, caption_mentions, distractor_captions, make_scene,  # noqa: E402
-                     scene_dataset)
-from .pretrain import Recipe as PretrainRecipe  # noqa: E402
-from .evaluate import (caption_retrieval, captioning_scores, captioning_summary, greedy_captions,  # noqa: E402
-                       heldout_caption_loss, retrieval_summary)
-# --- course: widgets / bootstrap -----------------------------------------------------------------
-from mirlab.bootstrap import BootstrapResult, bootstrap_mir  # noqa: E402
-from mirlab.widgets import LayerExplorer  # noqa: E402
-from mirlab import dynamics  # noqa: E402  (MIR across the shipped projector checkpoints; notebook 06)
+__version__ = "0.2.0"
+
+# public name -> module that defines it (the MIR path; the tiny model lives in mirlab.tiny)
+_EXPORTS = {
+    # metrics
+    "compute_mir": "mirlab.metrics.mir", "MIRResult": "mirlab.metrics.mir", "layer_fd": "mirlab.metrics.mir",
+    "prepare_layer": "mirlab.metrics.normalize",
+    "text_centric_scale": "mirlab.metrics.normalize", "replace_outliers": "mirlab.metrics.normalize",
+    "frechet_distance": "mirlab.metrics.frechet", "frechet_from_stats": "mirlab.metrics.frechet",
+    "gaussian_stats": "mirlab.metrics.frechet", "trace_sqrt_product": "mirlab.metrics.frechet",
+    "bootstrap_mir": "mirlab.metrics.bootstrap", "BootstrapResult": "mirlab.metrics.bootstrap",
+    # lvlm
+    "extract_hidden_states": "mirlab.lvlm.extract", "HiddenStates": "mirlab.lvlm.extract",
+    "PairError": "mirlab.lvlm.extract", "select_rows": "mirlab.lvlm.extract",
+    "image_token_id": "mirlab.lvlm.models", "render_prompt": "mirlab.lvlm.models",
+    "model_fingerprint": "mirlab.lvlm.models",
+    # pairs
+    "Pairs": "mirlab.pairs.readers", "folder_pairs": "mirlab.pairs.readers", "jsonl_pairs": "mirlab.pairs.readers",
+    "load_image": "mirlab.pairs.readers", "sample_pairs": "mirlab.pairs.samples",
+    # front
+    "load_model": "mirlab.run", "run_mir": "mirlab.run", "per_layer_figure": "mirlab.plots",
+    "LayerExplorer": "mirlab.widgets",
+}
+_ALIASES = {"FRECHET_METHODS": ("mirlab.metrics.frechet", "METHODS")}
+_SUBPACKAGES = ("metrics", "lvlm", "pairs", "tiny", "study", "paths", "run", "plots", "widgets", "course", "cli")
+
+__all__ = sorted([*_EXPORTS, *_ALIASES, *_SUBPACKAGES, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _ALIASES:
+        module, attribute = _ALIASES[name]
+        value = getattr(importlib.import_module(module), attribute)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"mirlab.{name}")
+    else:
+        raise AttributeError(f"module 'mirlab' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

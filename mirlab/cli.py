@@ -24,7 +24,7 @@ MODES = {"fast": "official-fast", "accurate": "official-accurate"}
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mirlab run``; the official mir.py spellings (``--model_path`` ...) are accepted too."""
-    from mirlab.frechet import METHODS
+    from mirlab.metrics.frechet import METHODS
 
     data = parser.add_argument_group("model and data")
     data.add_argument("--model", "--model-path", "--model_path", default="mirlab/tiny-llava",
@@ -107,7 +107,8 @@ def summary(result) -> str:
 # --- the registry ------------------------------------------------------------------------------------------------
 
 def _commands() -> dict[str, tuple[AddArguments, Handler]]:
-    from mirlab import course, pretrain
+    from mirlab import course
+    from mirlab.tiny import pretrain
 
     return {
         "run": (add_run_arguments, run_command),

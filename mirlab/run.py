@@ -9,9 +9,60 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mirlab.data import Pairs, folder_pairs, jsonl_pairs
-from mirlab.extract import extract_hidden_states
-from mirlab.models import EMBEDDED_MODEL, load_model
+from mirlab.lvlm.extract import extract_hidden_states
+from mirlab.lvlm.models import finish_loading, load_pretrained, resolve_dtype
+from mirlab.pairs.readers import Pairs, folder_pairs, jsonl_pairs
+
+EMBEDDED_MODEL = "mirlab/tiny-llava"
+
+
+def load_model(name_or_path: str = EMBEDDED_MODEL, dtype=None, device_map=None, base_llm: str | None = None,
+               **kwargs):
+    """(model, processor) of any image-text-to-text model, or of mirlab's embedded offline model.
+
+    name_or_path: "mirlab/tiny-llava" (the embedded model with its shipped projector "final"),
+        "mirlab/tiny-llava@<checkpoint>" (e.g. "@random", "@lr2e-3/step-0128"; see
+        `mirlab.tiny.embedded_checkpoints()`), or a local folder / Hub id (see `mirlab.lvlm.load_pretrained`).
+    dtype: torch dtype or its name; device_map: accelerate's device map for Hub models. For the embedded model
+        (one small module) device_map may be None, "auto" (CUDA if available, else CPU), a device name or a
+        torch.device, or {"": device}; the whole model goes there.
+    base_llm, kwargs: see `mirlab.lvlm.load_pretrained`. The embedded model takes no `from_pretrained`
+        options: any kwargs are an error naming them (never silently dropped).
+    """
+    name, _, checkpoint = str(name_or_path).partition("@")
+    if name != EMBEDDED_MODEL:
+        return load_pretrained(name_or_path, dtype=dtype, device_map=device_map, base_llm=base_llm, **kwargs)
+    if kwargs:
+        raise TypeError(f"load_model({name_or_path!r}): the embedded model takes no from_pretrained options, "
+                        f"got {sorted(kwargs)}")
+    from mirlab.tiny.build import embedded_model
+
+    dtype = resolve_dtype(dtype)
+    device = _single_device(device_map, name_or_path)
+    model, processor = embedded_model(checkpoint) if checkpoint else embedded_model()
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return finish_loading(model, processor, base_llm)
+
+
+def _single_device(device_map, name):
+    """The one device a small model goes to, from a device_map value (None: leave it where it is)."""
+    import torch
+
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"load_model({name!r}): the embedded model is small and goes to one device; "
+                             f"device_map {device_map!r} names {len(devices)}")
+        device_map = devices.pop()
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"load_model({name!r}): device_map {device_map!r} is not a device: {err}") from None
 
 
 def _pairs(images, texts, pairs_file, eval_num, seed) -> Pairs:
@@ -43,11 +94,11 @@ def run_mir(model=EMBEDDED_MODEL, images=None, texts=None, *, pairs_file=None, e
 
     model: name / folder / Hub id (see ``load_model``; ``base_llm``, ``dtype``, ``device_map`` go there) or
         an already loaded ``(model, processor)`` tuple.
-    images, texts: two folders (drawn with ``seed``, see mirlab.data) or two equal-length lists (the first
+    images, texts: two folders (drawn with ``seed``, see mirlab.pairs.readers) or two equal-length lists (the first
         ``eval_num`` are used); or ``pairs_file``: a JSONL of {"image", "text"}.
     method / outliers: see ``mirlab.compute_mir``. The remaining options: see ``extract_hidden_states``.
     """
-    from mirlab.mir import compute_mir
+    from mirlab.metrics.mir import compute_mir
 
     data = _pairs(images, texts, pairs_file, eval_num, seed)
     if isinstance(model, (tuple, list)):

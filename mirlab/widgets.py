@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirlab.mir import compute_mir
-from mirlab.normalize import row_norms, text_centric_scale
+from mirlab.metrics.mir import compute_mir
+from mirlab.metrics.normalize import row_norms, text_centric_scale
 
 MODALITIES = ("image", "text")
 PALETTE = {"image": "#d95f02", "text": "#1b9e77"}
@@ -114,11 +114,11 @@ class LayerExplorer:
     def layer_data(self, layer: int) -> tuple[pd.DataFrame, dict]:
         """(points, info) of one layer: points has modality, row, pc1, pc2, norm; info the scale and PCA."""
         if layer not in self._cache:
-            vision, text = self.hidden_states.layer(layer)
+            image, text = self.hidden_states.layer(layer)
             scale = text_centric_scale(text)
             rng = np.random.default_rng([self.seed, layer])
-            picks = {m: _subset(len(x), self.max_points, rng) for m, x in zip(MODALITIES, (vision, text))}
-            rows = np.concatenate([vision.double().numpy()[picks["image"]],
+            picks = {m: _subset(len(x), self.max_points, rng) for m, x in zip(MODALITIES, (image, text))}
+            rows = np.concatenate([image.double().numpy()[picks["image"]],
                                    text.double().numpy()[picks["text"]]]) * scale
             projected, explained = pca_2d(rows)
             points = pd.DataFrame({
@@ -126,7 +126,7 @@ class LayerExplorer:
                 "row": np.concatenate([picks["image"], picks["text"]]),
                 "pc1": projected[:, 0], "pc2": projected[:, 1], "norm": row_norms(rows)})
             info = {"layer": layer, "scale": scale, "explained": explained,
-                    "norm_ratio": float(row_norms(vision).mean() * scale)}
+                    "norm_ratio": float(row_norms(image).mean() * scale)}
             self._cache[layer] = (points, info)
         return self._cache[layer]
 

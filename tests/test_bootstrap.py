@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from mirlab import bootstrap_mir, compute_mir
-from mirlab.bootstrap import (_Modality, bootstrap_interval, pair_counts, replicate_rows, weighted_layer_fd,
+from mirlab.metrics.bootstrap import (_Modality, bootstrap_interval, pair_counts, replicate_rows, weighted_layer_fd,
                               weighted_lower_median)
-from mirlab.mir import layer_fd
+from mirlab.metrics.mir import layer_fd
 
 
 class PairStates:
-    """In-memory stand-in for HiddenStates: per-pair row blocks, iterated (layer, vision, text) as float32."""
+    """In-memory stand-in for HiddenStates: per-pair row blocks, iterated (layer, image, text) as float32."""
 
     def __init__(self, vision_blocks, text_blocks):
         """vision_blocks[k][p]: rows of pair p in layer k (likewise text)."""
@@ -21,7 +21,7 @@ class PairStates:
     @property
     def samples(self):
         return pd.DataFrame({"pair": range(len(self.vision_blocks[0])),
-                             "n_vision": [len(b) for b in self.vision_blocks[0]],
+                             "n_image": [len(b) for b in self.vision_blocks[0]],
                              "n_text": [len(b) for b in self.text_blocks[0]]})
 
     def __len__(self):
@@ -33,25 +33,25 @@ class PairStates:
             yield k, torch.from_numpy(np.concatenate(v)).float(), torch.from_numpy(np.concatenate(t)).float()
 
 
-def synthetic_states(n_pairs=24, d=6, n_layers=3, vision_rows=20, seed=0, outliers=True):
+def synthetic_states(n_pairs=24, d=6, n_layers=3, image_rows=20, seed=0, outliers=True):
     """Pairs whose image rows and text rows come from two Gaussians per layer, plus a per-pair offset."""
     rng = np.random.default_rng(seed)
     text_rows = rng.integers(5, 12, n_pairs)  # a pair has the same rows in every layer
-    vision, text = [], []
+    image, text = [], []
     for k in range(n_layers):
         shift = np.linspace(1.0, 0.2, d) * (n_layers - k)
         v_blocks, t_blocks = [], []
         for p in range(n_pairs):
             offset = 0.3 * rng.standard_normal(d)
-            v = rng.standard_normal((vision_rows, d)) * np.linspace(0.5, 2.0, d) + shift + offset
+            v = rng.standard_normal((image_rows, d)) * np.linspace(0.5, 2.0, d) + shift + offset
             t = rng.standard_normal((text_rows[p], d)) + offset
             if outliers and p % 7 == 0:
                 v[0] *= 25.0  # a planted outlier row (3σ on norms catches it)
             v_blocks.append(v)
             t_blocks.append(t)
-        vision.append(v_blocks)
+        image.append(v_blocks)
         text.append(t_blocks)
-    return PairStates(vision, text)
+    return PairStates(image, text)
 
 
 # --- the replicate arithmetic ----------------------------------------------------------------------------------
@@ -76,15 +76,15 @@ def test_replicate_rows_repeat_each_drawn_pairs_block():
 @pytest.mark.parametrize("outliers", ["replace", "drop", "none"])
 def test_weighted_replicate_fd_equals_layer_fd_of_the_materialized_replicate(outliers):
     states = synthetic_states(n_pairs=10, d=8)
-    sizes = {m: states.samples[f"n_{m}"].to_numpy() for m in ("vision", "text")}
-    _, vision, text = next(iter(states))
-    v, t = _Modality(vision, "v"), _Modality(text, "t")
+    sizes = {m: states.samples[f"n_{m}"].to_numpy() for m in ("image", "text")}
+    _, image, text = next(iter(states))
+    v, t = _Modality(image, "v"), _Modality(text, "t")
     flagged = 0
     for counts in pair_counts(10, 12, seed=5):
-        rows_v, rows_t = replicate_rows(counts, sizes["vision"]), replicate_rows(counts, sizes["text"])
-        expected = layer_fd(vision[rows_v].double(), text[rows_t].double(), outliers=outliers)
-        flagged += expected["vision_outliers"]
-        got = weighted_layer_fd(v, t, np.repeat(counts, sizes["vision"]), np.repeat(counts, sizes["text"]), outliers)
+        rows_v, rows_t = replicate_rows(counts, sizes["image"]), replicate_rows(counts, sizes["text"])
+        expected = layer_fd(image[rows_v].double(), text[rows_t].double(), outliers=outliers)
+        flagged += expected["image_outliers"]
+        got = weighted_layer_fd(v, t, np.repeat(counts, sizes["image"]), np.repeat(counts, sizes["text"]), outliers)
         assert got == pytest.approx(expected["fd"], rel=1e-9)
     assert outliers == "none" or flagged > 0  # the outlier branch was exercised
 
@@ -92,12 +92,12 @@ def test_weighted_replicate_fd_equals_layer_fd_of_the_materialized_replicate(out
 def test_more_rows_than_dimensions_in_both_clouds_takes_the_covariance_route():
     # d = 3 with dozens of rows per modality: the cross term goes through the 3 x 3 covariances
     states = synthetic_states(n_pairs=6, d=3, outliers=False)
-    sizes = {m: states.samples[f"n_{m}"].to_numpy() for m in ("vision", "text")}
-    _, vision, text = next(iter(states))
+    sizes = {m: states.samples[f"n_{m}"].to_numpy() for m in ("image", "text")}
+    _, image, text = next(iter(states))
     counts = np.array([2, 0, 1, 1, 0, 2])
-    rows_v, rows_t = replicate_rows(counts, sizes["vision"]), replicate_rows(counts, sizes["text"])
-    expected = layer_fd(vision[rows_v].double(), text[rows_t].double())["fd"]
-    got = weighted_layer_fd(_Modality(vision, "v"), _Modality(text, "t"), np.repeat(counts, sizes["vision"]),
+    rows_v, rows_t = replicate_rows(counts, sizes["image"]), replicate_rows(counts, sizes["text"])
+    expected = layer_fd(image[rows_v].double(), text[rows_t].double())["fd"]
+    got = weighted_layer_fd(_Modality(image, "v"), _Modality(text, "t"), np.repeat(counts, sizes["image"]),
                             np.repeat(counts, sizes["text"]))
     assert got == pytest.approx(expected, rel=1e-9)
 
@@ -168,7 +168,7 @@ def test_basic_interval_is_the_percentile_interval_reflected_around_the_estimate
 
 def test_few_rows_per_dimension_bias_the_replicates_upwards():
     # FD of a small sample is biased up, and a replicate holds only ~63% distinct pairs: bias > 0
-    states = synthetic_states(n_pairs=12, d=40, vision_rows=4, outliers=False)
+    states = synthetic_states(n_pairs=12, d=40, image_rows=4, outliers=False)
     result = bootstrap_mir(states, n_boot=40, seed=0)
     assert result.bias > 0
     assert result.to_dict()["bias"] == pytest.approx(result.bias)
@@ -224,5 +224,5 @@ def test_bad_inputs_are_named():
         bootstrap_mir(states, n_boot=2)
     states = synthetic_states(n_pairs=4, n_layers=1)
     states.vision_blocks[0][1][3, 0] = np.nan
-    with pytest.raises(ValueError, match="layer 1, vision rows"):
+    with pytest.raises(ValueError, match="layer 1, image rows"):
         bootstrap_mir(states, n_boot=2)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mirlab.data import Pairs, folder_pairs, jsonl_pairs, list_images, load_image, read_story, read_text
+from mirlab.pairs.readers import Pairs, folder_pairs, jsonl_pairs, list_images, load_image, read_story, read_text
 
 
 def rgb_array(seed=0, size=(6, 5)):

@@ -1,25 +1,26 @@
-"""mirlab.dynamics: pair subsets give the MIR of those pairs, correlations and summaries, the shipped tables."""
+"""mirlab.study.dynamics: pair subsets give the MIR of those pairs, correlations and summaries, the shipped tables."""
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from mirlab import compute_mir, dynamics
+from mirlab import compute_mir
+from mirlab.study import dynamics
 
 
 class PairStates:
-    """In-memory stand-in for HiddenStates: per-pair row blocks, iterated (layer, vision, text)."""
+    """In-memory stand-in for HiddenStates: per-pair row blocks, iterated (layer, image, text)."""
 
     def __init__(self, n_pairs=12, d=5, n_layers=3, seed=0):
         rng = np.random.default_rng(seed)
-        self.n_vision = rng.integers(6, 10, n_pairs)
+        self.n_image = rng.integers(6, 10, n_pairs)
         self.n_text = rng.integers(3, 7, n_pairs)
         self.blocks = [[(rng.standard_normal((nv, d)) + k, rng.standard_normal((nt, d)))
-                        for nv, nt in zip(self.n_vision, self.n_text)] for k in range(n_layers)]
+                        for nv, nt in zip(self.n_image, self.n_text)] for k in range(n_layers)]
 
     @property
     def samples(self):
-        return pd.DataFrame({"pair": range(len(self.n_vision)), "n_vision": self.n_vision, "n_text": self.n_text})
+        return pd.DataFrame({"pair": range(len(self.n_image)), "n_image": self.n_image, "n_text": self.n_text})
 
     def __iter__(self):
         for k, blocks in enumerate(self.blocks, start=1):
@@ -49,7 +50,7 @@ def test_subset_layers_gives_the_mir_of_those_pairs():
     via_subset = compute_mir(dynamics.subset_layers(states, pairs))
     direct = compute_mir(states.only(pairs))
     assert via_subset.mir == pytest.approx(direct.mir, rel=1e-12)
-    assert list(via_subset.per_layer["n_vision"]) == [int(states.n_vision[pairs].sum())] * 3
+    assert list(via_subset.per_layer["n_image"]) == [int(states.n_image[pairs].sum())] * 3
     everything = compute_mir(dynamics.subset_layers(states, range(12)))
     assert everything.mir == pytest.approx(compute_mir(states).mir, rel=1e-12)
     with pytest.raises(ValueError, match="pair positions"):
@@ -110,7 +111,7 @@ def test_distinct_checkpoints_groups_identical_tensors_whatever_the_metadata(tmp
 
 
 def test_shipped_tables_cover_every_checkpoint():
-    from mirlab import embedded_checkpoints
+    from mirlab.tiny import embedded_checkpoints
 
     try:
         mir, robust = dynamics.load_table("mir"), dynamics.load_table("robustness")

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mirlab import embedded, vision_onnx
-from mirlab.embedded import embedded_checkpoints, embedded_model, projector_shapes, save_projector
+from mirlab.tiny import build as embedded
+from mirlab.tiny import vision_onnx
+from mirlab.tiny.build import embedded_checkpoints, embedded_model, projector_shapes, save_projector
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import mirlab.extract as extract
+import mirlab.lvlm.extract as extract
 from mirlab import compute_mir, extract_hidden_states
-from mirlab.extract import PairError, forward_hidden_states, model_inputs, select_layers, select_rows
-from mirlab.models import render_prompt, text_token_ids
+from mirlab.lvlm.extract import PairError, forward_hidden_states, model_inputs, select_layers, select_rows
+from mirlab.lvlm.models import render_prompt, text_token_ids
 from tiny_models import FAMILIES, LAYERS, build, single_thread
 
 # PaliGemma's processor builds its labels with np.array(torch tensor), which numpy 2 flags; not ours to fix
@@ -46,14 +46,14 @@ def test_family_rows_match_the_family_arithmetic(family):
     images, texts, sizes = family_pairs(tiny)
     states = extract_hidden_states(tiny.model, tiny.processor, images, texts, batch_size=4, progress=False)
     samples = states.samples
-    assert samples["n_vision"].tolist() == [tiny.expected_image_rows(w, h) for w, h in sizes]
+    assert samples["n_image"].tolist() == [tiny.expected_image_rows(w, h) for w, h in sizes]
     assert (samples["n_text"] > 0).all()
     assert states.layers == list(range(1, LAYERS + 1))
     hidden = tiny.model.config.get_text_config().hidden_size
-    for layer, vision, text in states:
-        assert vision.shape == (samples["n_vision"].sum(), hidden)
+    for layer, image, text in states:
+        assert image.shape == (samples["n_image"].sum(), hidden)
         assert text.shape == (samples["n_text"].sum(), hidden)
-        assert torch.isfinite(vision).all() and torch.isfinite(text).all()
+        assert torch.isfinite(image).all() and torch.isfinite(text).all()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -68,16 +68,16 @@ def test_family_text_rows_are_disjoint_from_image_rows_and_caption_decodes_to_th
     assert set(inputs) == set(returned) - {"labels"}  # every tensor reaches the model (token types included)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     image_id = tiny.model.config.image_token_id
-    vision, after, problems = select_rows(ids, mask, image_id, "after_image")
+    image, after, problems = select_rows(ids, mask, image_id, "after_image")
     text_ids = [text_token_ids(tiny.processor.tokenizer, p) for p in prompts]
     _, caption, caption_problems = select_rows(ids, mask, image_id, "caption", text_ids)
     assert problems == [None] * len(texts) and caption_problems == [None] * len(texts)
-    assert not (vision & after).any() and not (vision & caption).any()
+    assert not (image & after).any() and not (image & caption).any()
     assert not (caption & ~after).any()  # the caption lies inside "everything after the image"
-    assert not ((after | vision) & ~mask.bool()).any()  # pad rows are never taken
+    assert not ((after | image) & ~mask.bool()).any()  # pad rows are never taken
     for b, text in enumerate(texts):
         assert tiny.processor.tokenizer.decode(ids[b][caption[b]]).strip() == text
-        last_image = vision[b].nonzero().max()
+        last_image = image[b].nonzero().max()
         assert after[b].nonzero().min() == last_image + 1
 
 
@@ -93,14 +93,14 @@ def test_family_batched_rows_equal_one_pair_at_a_time(family):
     for image, text in zip(images, texts):
         prompt = render_prompt(tiny.processor, text)
         inputs = model_inputs(tiny.model, tiny.processor, [image], [prompt])
-        vision, caption, _ = select_rows(inputs["input_ids"], inputs["attention_mask"], image_id, "caption",
+        image, caption, _ = select_rows(inputs["input_ids"], inputs["attention_mask"], image_id, "caption",
                                          [text_token_ids(tiny.processor.tokenizer, prompt)])
         hidden = forward_hidden_states(tiny.model, inputs)
         for layer in states.layers:
-            single[layer][0].append(hidden[layer][vision])
+            single[layer][0].append(hidden[layer][image])
             single[layer][1].append(hidden[layer][caption])
-    for layer, vision, text in states:
-        torch.testing.assert_close(vision, torch.cat(single[layer][0]), atol=2e-4, rtol=1e-4)
+    for layer, image, text in states:
+        torch.testing.assert_close(image, torch.cat(single[layer][0]), atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(text, torch.cat(single[layer][1]), atol=2e-4, rtol=1e-4)
 
 
@@ -130,26 +130,26 @@ def test_layer_zero_is_the_token_embedding_on_text_rows():
 
 
 def test_select_rows_by_hand():
-    image, pad = 9, 0
+    image_id, pad = 9, 0
     ids = torch.tensor([[5, 9, 9, 7, 3, 4, 8, pad, pad],   # right padded
                         [pad, 5, 9, 9, 9, 7, 3, 4, 8]])    # left padded
     mask = (ids != pad).long()
-    vision, after, problems = select_rows(ids, mask, image, "after_image")
+    image, after, problems = select_rows(ids, mask, image_id, "after_image")
     assert problems == [None, None]
-    assert vision.sum(1).tolist() == [2, 3]
+    assert image.sum(1).tolist() == [2, 3]
     assert after[0].nonzero().flatten().tolist() == [3, 4, 5, 6]
     assert after[1].nonzero().flatten().tolist() == [5, 6, 7, 8]
-    _, caption, _ = select_rows(ids, mask, image, "caption", [[3, 4], [4, 8]])
+    _, caption, _ = select_rows(ids, mask, image_id, "caption", [[3, 4], [4, 8]])
     assert caption[0].nonzero().flatten().tolist() == [4, 5]
     assert caption[1].nonzero().flatten().tolist() == [7, 8]
-    _, _, problems = select_rows(ids, mask, image, "caption", [[3, 4], [6, 6]])
+    _, _, problems = select_rows(ids, mask, image_id, "caption", [[3, 4], [6, 6]])
     assert problems[0] is None and "not found" in problems[1]
     no_image = torch.tensor([[5, 7, 3]])
-    _, _, problems = select_rows(no_image, torch.ones_like(no_image), image)
+    _, _, problems = select_rows(no_image, torch.ones_like(no_image), image_id)
     assert "no image rows" in problems[0]
     image_last = torch.tensor([[5, 9, 9, pad]])
-    vision, _, problems = select_rows(image_last, (image_last != pad).long(), image)
-    assert "no text rows" in problems[0] and not vision.any()
+    image, _, problems = select_rows(image_last, (image_last != pad).long(), image_id)
+    assert "no text rows" in problems[0] and not image.any()
 
 
 def test_caption_span_is_a_subset_and_mir_runs_on_both_spans():
@@ -158,7 +158,7 @@ def test_caption_span_is_a_subset_and_mir_runs_on_both_spans():
     full = extract_hidden_states(tiny.model, tiny.processor, images, texts, progress=False)
     caption = extract_hidden_states(tiny.model, tiny.processor, images, texts, text_span="caption", progress=False)
     assert (caption.samples["n_text"] < full.samples["n_text"]).all()
-    assert caption.samples["n_vision"].tolist() == full.samples["n_vision"].tolist()
+    assert caption.samples["n_image"].tolist() == full.samples["n_image"].tolist()
     assert np.isfinite(compute_mir(full).mir) and np.isfinite(compute_mir(caption).mir)
 
 
@@ -198,7 +198,7 @@ def test_float16_store_is_close_to_float32_and_half_the_size(tmp_path):
         assert v16.dtype == torch.float32
         torch.testing.assert_close(v16, v32, rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(t16, t32, rtol=2e-3, atol=2e-3)
-    shard = next(half.path.glob("layer_001/vision_*.npy"))
+    shard = next(half.path.glob("layer_001/image_*.npy"))
     assert np.load(shard).dtype == np.float16
 
 
@@ -266,9 +266,9 @@ def test_image_modes_become_rgb_and_give_the_same_rows():
     modes = [base.convert("L"), base.convert("RGBA"), base.convert("CMYK"), base.convert("P"),
              np.asarray(base.convert("L"))]
     states = extract_hidden_states(tiny.model, tiny.processor, modes, ["a cat"] * len(modes), progress=False)
-    assert states.samples["n_vision"].tolist() == [16] * len(modes)
-    for _, vision, _ in states:
-        assert torch.isfinite(vision).all()
+    assert states.samples["n_image"].tolist() == [16] * len(modes)
+    for _, image, _ in states:
+        assert torch.isfinite(image).all()
 
 
 # --- cache -----------------------------------------------------------------------------------------------------
@@ -380,15 +380,15 @@ def test_samples_table_locates_each_pairs_rows():
     tiny = build("qwen2_vl")
     images, texts, _ = family_pairs(tiny)
     states = extract_hidden_states(tiny.model, tiny.processor, images, texts, batch_size=3, progress=False)
-    vision, text = states.layer(2)
+    image, text = states.layer(2)
     samples = states.samples
     last = samples.iloc[-1]
-    assert last["vision_start"] + last["n_vision"] == len(vision)
+    assert last["image_start"] + last["n_image"] == len(image)
     assert last["text_start"] + last["n_text"] == len(text)
     # pair 1 alone gives the rows that the table points at
     alone = extract_hidden_states(tiny.model, tiny.processor, images[1:2], texts[1:2], progress=False)
     row = samples.iloc[1]
-    torch.testing.assert_close(vision[row.vision_start:row.vision_start + row.n_vision], alone.layer(2)[0],
+    torch.testing.assert_close(image[row.image_start:row.image_start + row.n_image], alone.layer(2)[0],
                                atol=2e-4, rtol=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 
 from mirlab import frechet_distance, frechet_from_stats, gaussian_stats, trace_sqrt_product
-from mirlab.frechet import _centred_factor_rows, _nuclear_norm_gram
+from mirlab.metrics.frechet import _centred_factor_rows, _nuclear_norm_gram
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -253,7 +253,7 @@ def test_benchmark_quick_runs(tmp_path):
 
 
 def test_trace_sqrt_of_factors_equals_the_covariance_route():
-    from mirlab.frechet import trace_sqrt_of_factors, trace_sqrt_product
+    from mirlab.metrics.frechet import trace_sqrt_of_factors, trace_sqrt_product
 
     rng = np.random.default_rng(7)
     R1, R2 = rng.normal(size=(40, 6)) * np.arange(1, 7), rng.normal(size=(25, 6))

@@ -14,19 +14,19 @@ from mirlab import MIRResult, compute_mir
 D = 24
 
 
-def layer_rows(layer, n_vision=120, n_text=60, seed=0):
+def layer_rows(layer, n_image=120, n_text=60, seed=0):
     """A synthetic layer: vision and text clouds that drift apart and grow with depth."""
     rng = np.random.default_rng(1000 * seed + layer)
     scale = 1.0 + 0.5 * layer
-    vision = rng.standard_normal((n_vision, D)) * np.linspace(0.2, 2, D) * scale + 0.3 * layer
+    image = rng.standard_normal((n_image, D)) * np.linspace(0.2, 2, D) * scale + 0.3 * layer
     text = rng.standard_normal((n_text, D)) * scale
-    return vision, text
+    return image, text
 
 
-def reference_layer_fd(vision, text):
+def reference_layer_fd(image, text):
     """Scale by 1/mean text norm, no outlier step, FD with scipy sqrtm in float64 (full-rank clouds)."""
     s = 1.0 / np.mean(np.linalg.norm(text, axis=1))
-    v, t = s * vision, s * text
+    v, t = s * image, s * text
     Sv, St = np.cov(v, rowvar=False), np.cov(t, rowvar=False)
     cross = np.trace(scipy.linalg.sqrtm(Sv @ St)).real
     return np.sum((v.mean(0) - t.mean(0)) ** 2) + np.trace(Sv) + np.trace(St) - 2 * cross
@@ -39,8 +39,8 @@ def test_mir_matches_independent_reference():
     np.testing.assert_allclose(result.per_layer["fd"], ref, rtol=1e-9)
     assert result.mir == pytest.approx(math.log10(sum(ref)), rel=1e-12)
     assert result.per_layer["layer"].tolist() == [1, 2, 3, 4, 5]
-    assert list(result.per_layer.columns) == ["layer", "fd", "scale", "n_vision", "n_text",
-                                              "vision_outliers", "text_outliers"]
+    assert list(result.per_layer.columns) == ["layer", "fd", "scale", "n_image", "n_text",
+                                              "image_outliers", "text_outliers"]
     np.testing.assert_allclose(result.per_layer["scale"],
                                [1 / np.mean(np.linalg.norm(t, axis=1)) for _, t in layers], rtol=1e-12)
 
@@ -53,10 +53,10 @@ def test_layers_are_consumed_one_at_a_time():
             # when layer k is requested, compute_mir must have released every earlier layer
             gc.collect()
             assert all(ref() is None for ref in alive), f"an earlier layer is still alive at layer {k}"
-            vision, text = (torch.from_numpy(a) for a in layer_rows(k))
-            alive.extend([weakref.ref(vision), weakref.ref(text)])
-            yield vision, text
-            del vision, text
+            image, text = (torch.from_numpy(a) for a in layer_rows(k))
+            alive.extend([weakref.ref(image), weakref.ref(text)])
+            yield image, text
+            del image, text
 
     result = compute_mir(layers(), progress=True)
     assert len(result.per_layer) == 4
@@ -71,15 +71,15 @@ def test_mir_invariant_to_rescaling_raw_features_per_layer():
     assert scaled.mir == pytest.approx(base.mir, abs=1e-12)
     np.testing.assert_allclose(scaled.per_layer["fd"], base.per_layer["fd"], rtol=1e-9)
     clean = compute_mir([layer_rows(2, seed=1)])
-    assert base.per_layer.loc[1, "vision_outliers"] == clean.per_layer.loc[0, "vision_outliers"] + 2
+    assert base.per_layer.loc[1, "image_outliers"] == clean.per_layer.loc[0, "image_outliers"] + 2
 
 
 def test_planted_outliers_are_counted_and_change_fd():
-    vision, text = layer_rows(2)
+    image, text = layer_rows(2)
     text[[0, 5, 9]] *= 50
-    replaced = compute_mir([(vision, text)])
-    dropped = compute_mir([(vision, text)], outliers="drop")
-    kept = compute_mir([(vision, text)], outliers="none")
+    replaced = compute_mir([(image, text)])
+    dropped = compute_mir([(image, text)], outliers="drop")
+    kept = compute_mir([(image, text)], outliers="none")
     assert replaced.per_layer.loc[0, "text_outliers"] == 3
     assert dropped.per_layer.loc[0, "text_outliers"] == 3
     assert kept.per_layer.loc[0, "text_outliers"] == 0
@@ -133,8 +133,8 @@ def bad_layers(kind):
 
 @pytest.mark.parametrize("kind, message", [
     ("nan", "layer 2, text rows: 3 rows contain NaN/inf"),
-    ("width", "layer 2: vision rows have width 23 but text rows have width 24"),
-    ("one row", "layer 2, vision rows: need at least 2 rows"),
+    ("width", "layer 2: image rows have width 23 but text rows have width 24"),
+    ("one row", "layer 2, image rows: need at least 2 rows"),
     ("empty", "layer 2, text rows: no rows"),
 ])
 def test_bad_layers_raise_naming_layer_and_modality(kind, message):

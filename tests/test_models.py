@@ -5,8 +5,9 @@ import types
 import pytest
 import torch
 
-import mirlab.embedded
-from mirlab.models import (image_token_id, load_model, model_fingerprint, num_layers, render_prompt,
+import mirlab.tiny.build
+from mirlab.run import load_model
+from mirlab.lvlm.models import (image_token_id, model_fingerprint, num_layers, render_prompt,
                            text_token_ids, truncate_text)
 from tiny_models import LAYERS, build, single_thread
 
@@ -141,7 +142,7 @@ def test_load_model_embedded_name_uses_the_embedded_model(monkeypatch):
         asked.append(checkpoint)
         return llava.model, llava.processor
 
-    monkeypatch.setattr(mirlab.embedded, "embedded_model", fake_embedded_model)
+    monkeypatch.setattr(mirlab.tiny.build, "embedded_model", fake_embedded_model)
     model, processor = load_model("mirlab/tiny-llava")
     assert model is llava.model and processor is llava.processor
     load_model("mirlab/tiny-llava@random")
@@ -151,3 +152,16 @@ def test_load_model_embedded_name_uses_the_embedded_model(monkeypatch):
 def test_load_model_rejects_an_unknown_dtype_name():
     with pytest.raises(ValueError, match="unknown dtype 'float33'"):
         load_model("anything", dtype="float33")
+
+
+def test_load_model_embedded_honours_dtype_and_device_map_and_refuses_other_options(monkeypatch):
+    llava = build("llava")
+    monkeypatch.setattr(mirlab.tiny.build, "embedded_model", lambda checkpoint="final": (llava.model, llava.processor))
+    model, _ = load_model("mirlab/tiny-llava@random", dtype="bfloat16", device_map={"": "cpu"})
+    assert next(model.parameters()).dtype == torch.bfloat16 and next(model.parameters()).device.type == "cpu"
+    with pytest.raises(TypeError, match=r"no from_pretrained options, got \['attn_implementation'\]"):
+        load_model("mirlab/tiny-llava", attn_implementation="eager")
+    with pytest.raises(ValueError, match="goes to one device"):
+        load_model("mirlab/tiny-llava", device_map={"a": "cpu", "b": "meta"})
+    with pytest.raises(ValueError, match="is not a device"):
+        load_model("mirlab/tiny-llava", device_map="gpu-please")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mirlab import replace_outliers, text_centric_scale
-from mirlab.normalize import check_rows
+from mirlab.metrics.normalize import check_rows
 
 
 def rows(n=200, d=16, seed=0):

@@ -66,11 +66,11 @@ def test_sweep_command_line(tmp_path, capsys):
     import mirlab
 
     notebook = Path(mirlab.course.NOTEBOOK_DIR) / "03_frechet_distance.ipynb"
-    code = main(["sweep", str(notebook), "-p", "d", "12", "-p", "n_layers", "3", "--grid", "n_vision=40,80",
+    code = main(["sweep", str(notebook), "-p", "d", "12", "-p", "n_layers", "3", "--grid", "n_image=40,80",
                  "--out", str(tmp_path)])
     assert code == 0
     table = __import__("pandas").read_csv(tmp_path / "sweep.csv")
-    assert list(table["n_vision"]) == [40, 80] and (table["d"] == 12).all()
+    assert list(table["n_image"]) == [40, 80] and (table["d"] == 12).all()
     assert "sweep.csv" in capsys.readouterr().out
 
 

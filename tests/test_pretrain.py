@@ -1,4 +1,4 @@
-"""Projector pre-training (mirlab.pretrain) and the downstream scores (mirlab.evaluate)."""
+"""Projector pre-training (mirlab.tiny.pretrain) and the downstream scores (mirlab.tiny.evaluate)."""
 import csv
 import math
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mirlab import evaluate, pretrain
-from mirlab.embedded import embedded_checkpoints, embedded_model, init_projector, projector_dir
-from mirlab.pretrain import IGNORE, Recipe
-from mirlab.scenes import scene_dataset
+from mirlab.tiny import evaluate
+from mirlab.tiny import pretrain
+from mirlab.tiny.build import embedded_checkpoints, embedded_model, init_projector, projector_dir
+from mirlab.tiny.pretrain import IGNORE, Recipe
+from mirlab.pairs.scenes import scene_dataset
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ SHIPPED = embedded_checkpoints()
 def test_shipped_checkpoints_load_and_give_finite_hidden_states(tiny):
     from safetensors import safe_open
 
-    from mirlab.embedded import checkpoint_path, load_projector
+    from mirlab.tiny.build import checkpoint_path, load_projector
 
     model, processor = tiny
     scene = scene_dataset(1, seed=0, split="test")[0]

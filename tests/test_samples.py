@@ -6,10 +6,11 @@ import re
 import numpy as np
 import pytest
 
-from mirlab import samples
+from mirlab import paths
+from mirlab.pairs import samples
 
 ALLOWED_LICENCES = {"CC0-1.0", "public-domain", "CC-BY-2.0"}
-PROVENANCE = samples.DATA_DIR / "PROVENANCE.md"
+PROVENANCE = paths.data_dir() / "PROVENANCE.md"
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,9 @@ def test_colour_photos_are_colour_and_grey_ones_grey(photos):
 
 def test_load_image_rejects_unknown_references():
     with pytest.raises(ValueError):
-        samples.load_image("flickr:cat.jpg")
+        samples.load_bundled_image("flickr:cat.jpg")
     with pytest.raises(ValueError):
-        samples.load_image("skimage:no_such_picture")
+        samples.load_bundled_image("skimage:no_such_picture")
 
 
 def test_prose_passages_are_unique_sentences_of_sensible_length():
@@ -106,11 +107,11 @@ def test_provenance_lists_every_bundled_asset():
     text = PROVENANCE.read_text(encoding="utf-8")
     assert "## Bundled data" in text
     for folder in ("captions", "prose"):
-        for path in sorted((samples.DATA_DIR / folder).iterdir()):
+        for path in sorted((paths.data_dir() / folder).iterdir()):
             assert f"data/{folder}/{path.name}" in text, path
-    assert "data/LICENSES/CC0-1.0.txt" in text and (samples.DATA_DIR / "LICENSES" / "CC0-1.0.txt").exists()
+    assert "data/LICENSES/CC0-1.0.txt" in text and (paths.data_dir() / "LICENSES" / "CC0-1.0.txt").exists()
     for record in samples.photo_records():
         assert f"`{record['image']}`" in text, record["image"]
-    for line in samples.PROSE_FILE.read_text(encoding="utf-8").splitlines():
+    for line in (paths.data_dir() / samples.PROSE_FILE).read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         assert row["source"] == "written by the mirlab project" and row["licence"] == "CC0-1.0"

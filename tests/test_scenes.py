@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mirlab import scenes
-from mirlab.scenes import (COLOURS, POSITIONS, SHAPES, caption_mentions, describe, distractor_captions,
+from mirlab.pairs import scenes
+from mirlab.pairs.scenes import (COLOURS, POSITIONS, SHAPES, caption_mentions, describe, distractor_captions,
                            make_scene, scene_dataset, split_of)
 
 N_CHECK = 60  # scenes whose pixels are checked against their metadata

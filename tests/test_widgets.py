@@ -18,9 +18,9 @@ class LayerStates:
         self.layers = list(layers)
         self.rows = {}
         for k in self.layers:  # every layer looks different: the image cloud shrinks and moves with depth
-            vision = rng.standard_normal((40, D)) * np.linspace(0.3, 3.0, D) / k + 2.0 * k
+            image = rng.standard_normal((40, D)) * np.linspace(0.3, 3.0, D) / k + 2.0 * k
             text = rng.standard_normal((25, D)) * (1.0 + 0.2 * k)
-            self.rows[k] = (torch.from_numpy(vision).float(), torch.from_numpy(text).float())
+            self.rows[k] = (torch.from_numpy(image).float(), torch.from_numpy(text).float())
         self.reads = []
 
     def layer(self, k):
@@ -32,9 +32,9 @@ class LayerStates:
             yield (k, *self.layer(k))
 
 
-def independent_view(vision, text):
+def independent_view(image, text):
     """Scale by 1/mean text norm, norms of the scaled rows, PCA of the union by numpy's SVD."""
-    v, t = vision.double().numpy(), text.double().numpy()
+    v, t = image.double().numpy(), text.double().numpy()
     s = 1.0 / np.linalg.norm(t, axis=1).mean()
     rows = np.concatenate([v, t]) * s
     centred = rows - rows.mean(axis=0)
@@ -158,7 +158,7 @@ def test_on_cached_hidden_states_of_a_tiny_llava(tmp_path):
     from tiny_models import build, single_thread
 
     from mirlab import extract_hidden_states
-    from mirlab.extract import HiddenStates
+    from mirlab.lvlm.extract import HiddenStates
 
     tiny = build("llava")
     size = tiny.image_sizes[0]
@@ -170,7 +170,7 @@ def test_on_cached_hidden_states_of_a_tiny_llava(tmp_path):
     reopened = HiddenStates(states.path)  # a later session: the cache alone, no model
     explorer = LayerExplorer(reopened)
     explorer.slider.value = 2
-    vision, text = reopened.layer(2)
-    norms, _ = independent_view(vision, text)
+    image, text = reopened.layer(2)
+    norms, _ = independent_view(image, text)
     np.testing.assert_allclose(explorer.current_data()["norm"], norms, rtol=1e-10)
     assert explorer.slider.options == (0, 1, 2)

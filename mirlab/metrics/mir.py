@@ -18,13 +18,13 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+import torch
 
-from mirlab.frechet import METHODS, frechet_distance
-from mirlab.normalize import check_rows, replace_outliers, text_centric_scale
+from mirlab.metrics.frechet import METHODS, frechet_distance
+from mirlab.metrics.normalize import OUTLIER_MODES, prepare_layer
 
-OUTLIER_MODES = ("replace", "drop", "none")
-COLUMNS = ["layer", "fd", "scale", "n_vision", "n_text", "vision_outliers", "text_outliers"]
-_INT_COLUMNS = ["layer", "n_vision", "n_text", "vision_outliers", "text_outliers"]
+COLUMNS = ["layer", "fd", "scale", "n_image", "n_text", "image_outliers", "text_outliers"]
+_INT_COLUMNS = ["layer", "n_image", "n_text", "image_outliers", "text_outliers"]
 
 
 @dataclass
@@ -87,57 +87,48 @@ def _layer_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _unpack(item, position: int):
-    """(layer, vision, text) from a (vision, text) pair (layer = position) or a (layer, vision, text) triple."""
+    """(layer, image, text) from a (image, text) pair (layer = position) or a (layer, image, text) triple."""
     if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-        raise ValueError(f"layer item {position}: expected (vision_rows, text_rows) or "
-                         f"(layer_index, vision_rows, text_rows), got {type(item).__name__}")
+        raise ValueError(f"layer item {position}: expected (image_rows, text_rows) or "
+                         f"(layer_index, image_rows, text_rows), got {type(item).__name__}")
     if len(item) == 2:
         return position, item[0], item[1]
-    layer, vision, text = item
+    layer, image, text = item
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
         raise ValueError(f"layer item {position}: layer index must be an int, got {layer!r}")
-    return int(layer), vision, text
+    return int(layer), image, text
 
 
-def _handle_outliers(rows, mode: str, n_sigma: float):
-    if mode == "none":
-        return rows, 0
-    clean, mask = replace_outliers(rows, n_sigma=n_sigma, mode=mode)
-    return clean, int(mask.sum())
-
-
-def layer_fd(vision, text, method: str = "exact", outliers: str = "replace", n_sigma: float = 3.0,
+def layer_fd(image, text, method: str = "exact", outliers: str = "replace", n_sigma: float = 3.0,
              layer: int | str = "?") -> dict[str, Any]:
-    """One layer of MIR: scale by s = 1/mean text norm, outlier handling per modality, then FD.
+    """One layer of MIR: `prepare_layer` (scale s = 1/mean text norm, 3-sigma rule), then FD of the result.
 
-    Returns a per_layer row: layer, fd, scale, n_vision, n_text, vision_outliers, text_outliers.
+    The rows are upcast before any arithmetic: float64 for method="exact" (so MIR does not depend on the dtype
+    the hidden states were stored in), float32 for the official methods (the official script's arithmetic).
+    Returns a per_layer row: layer, fd, scale, n_image, n_text, image_outliers, text_outliers.
     """
-    vision = check_rows(vision, f"layer {layer}, vision rows")
-    text = check_rows(text, f"layer {layer}, text rows")
-    if vision.shape[1] != text.shape[1]:
-        raise ValueError(f"layer {layer}: vision rows have width {vision.shape[1]} "
-                         f"but text rows have width {text.shape[1]}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    dtype = torch.float64 if method == "exact" else torch.float32
+    prepared = prepare_layer(image, text, outliers, n_sigma, layer, dtype=dtype)
     try:
-        scale = text_centric_scale(text)
-    except ValueError as err:
-        raise ValueError(f"layer {layer}, {err}") from None
-    vision_clean, n_vision_out = _handle_outliers(vision * scale, outliers, n_sigma)
-    text_clean, n_text_out = _handle_outliers(text * scale, outliers, n_sigma)
-    try:
-        fd = frechet_distance(vision_clean, text_clean, method=method)
+        fd = frechet_distance(prepared.image, prepared.text, method=method)
     except ValueError as err:
         raise ValueError(f"layer {layer}: {err}") from None
-    return {"layer": layer, "fd": fd, "scale": scale, "n_vision": int(vision.shape[0]),
-            "n_text": int(text.shape[0]), "vision_outliers": n_vision_out, "text_outliers": n_text_out}
+    dropped = outliers == "drop"  # n_image / n_text count the rows given, before any were dropped
+    return {"layer": layer, "fd": fd, "scale": prepared.scale,
+            "n_image": int(prepared.image.shape[0]) + dropped * prepared.image_outliers,
+            "n_text": int(prepared.text.shape[0]) + dropped * prepared.text_outliers,
+            "image_outliers": prepared.image_outliers, "text_outliers": prepared.text_outliers}
 
 
 def compute_mir(layers: Iterable, method: str = "exact", outliers: str = "replace",
                 n_sigma: float = 3.0, progress: bool = False) -> MIRResult:
     """MIR = log10(sum_k FD_k) over an iterable of layers, consumed one layer at a time.
 
-    layers yields (vision_rows, text_rows) per layer, numbered 1, 2, ... in order, or
-    (layer_index, vision_rows, text_rows) triples (e.g. to pass a subset of layers).
-    method: "exact" | "official-fast" | "official-accurate" (see mirlab.frechet).
+    layers yields (image_rows, text_rows) per layer, numbered 1, 2, ... in order, or
+    (layer_index, image_rows, text_rows) triples (e.g. to pass a subset of layers).
+    method: "exact" | "official-fast" | "official-accurate" (see mirlab.metrics.frechet).
     outliers: "replace" (official) | "drop" | "none".
     """
     if method not in METHODS:
@@ -153,13 +144,13 @@ def compute_mir(layers: Iterable, method: str = "exact", outliers: str = "replac
     # while the next one is being produced, doubling peak memory
     for item in layers:
         position += 1
-        layer, vision, text = _unpack(item, position)
+        layer, image, text = _unpack(item, position)
         del item
         if layer in seen:
             raise ValueError(f"layer {layer} appears twice")
         seen.add(layer)
-        rows.append(layer_fd(vision, text, method, outliers, n_sigma, layer))
-        del vision, text
+        rows.append(layer_fd(image, text, method, outliers, n_sigma, layer))
+        del image, text
         if bar is not None:
             bar.update(1)
     if bar is not None:

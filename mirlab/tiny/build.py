@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from . import vision_onnx
+from mirlab import paths
+from mirlab.tiny import vision_onnx
 
 IMAGE_SIZE = 112  # pixels; must be a multiple of PATCH_SIZE
 PATCH_SIZE = 14
@@ -201,14 +202,9 @@ def load_projector(model, path):
     return model
 
 
-def data_dir() -> Path:
-    """mirlab's data folder: $MIRLAB_DATA_DIR if set, else `data/` next to the package (the repository's)."""
-    return Path(os.environ.get("MIRLAB_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")
-
-
 def projector_dir() -> Path:
     """Where projector checkpoints live: `final.safetensors` and `<recipe>/step-XXXX.safetensors`."""
-    return data_dir() / "projector"
+    return paths.data_dir() / "projector"
 
 
 def embedded_checkpoints() -> list[str]:
@@ -251,9 +247,9 @@ def build_key() -> dict:
 
 def cache_path(cache_dir=None) -> Path:
     """Folder of the cached base composite: `<root>/tiny-llava-<hash of build_key()>`."""
-    root = Path(cache_dir or os.environ.get("MIRLAB_CACHE_DIR") or Path.home() / ".cache" / "mirlab")
+    root = paths.cache_dir(cache_dir)
     digest = hashlib.sha256(json.dumps(build_key(), sort_keys=True).encode()).hexdigest()[:12]
-    return root.expanduser() / f"tiny-llava-{digest}"
+    return root / f"tiny-llava-{digest}"
 
 
 def ensure_cached(cache_dir=None) -> Path:

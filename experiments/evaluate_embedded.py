@@ -1,14 +1,14 @@
 """Evaluate every shipped projector checkpoint of the embedded model on held-out synthetic scenes.
 
-    python benchmarks/evaluate_embedded.py          # -> data/projector/evaluation.csv, captioning.csv, captions.csv
-    python benchmarks/evaluate_embedded.py --checkpoints lr2e-4 final --append --skip-captioning  # a subset
+    python experiments/evaluate_embedded.py          # -> data/projector/evaluation.csv, captioning.csv, captions.csv
+    python experiments/evaluate_embedded.py --checkpoints lr2e-4 final --append --skip-captioning  # a subset
 
 evaluation.csv has one row per checkpoint (recipe, step, train loss) and one group of columns per metric.
 A metric is a function `metric(model, processor, data) -> dict of columns`, listed in METRICS; add a column
 (e.g. MIR) by writing one more such function and appending it. `data` holds the evaluation set, built once:
 100 test-split scenes (seed 0) with their frozen vision features and metadata.
 
-Metrics (see mirlab.evaluate): caption retrieval among the true caption and K=3 one-word distractors
+Metrics (see mirlab.tiny.evaluate): caption retrieval among the true caption and K=3 one-word distractors
 (chance 0.25), pairwise win rates per distractor kind, held-out caption loss. Greedy captioning (slower) runs
 on the final checkpoint and on the random init only: captioning.csv (mention scores vs chance), captions.csv
 (the generated captions). Checkpoints with identical projector tensors (each recipe's step 0; final) are
@@ -23,10 +23,11 @@ from types import SimpleNamespace
 import pandas as pd
 import torch
 
-from mirlab import evaluate, pretrain
-from mirlab.dynamics import checkpoint_digest
-from mirlab.embedded import checkpoint_path, embedded_checkpoints, embedded_model, load_projector, projector_dir
-from mirlab.scenes import scene_dataset
+from mirlab.tiny import evaluate
+from mirlab.tiny import pretrain
+from mirlab.study.dynamics import checkpoint_digest
+from mirlab.tiny.build import checkpoint_path, embedded_checkpoints, embedded_model, load_projector, projector_dir
+from mirlab.pairs.scenes import scene_dataset
 
 N_SCENES = 100
 SEED = 0
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     names = [n for n in embedded_checkpoints()
              if args.checkpoints is None or any(n == c or n.startswith(c.rstrip("/") + "/") for c in args.checkpoints)]
     if not names:
-        print(f"no matching checkpoints in {out}; run benchmarks/train_embedded.py first", file=sys.stderr)
+        print(f"no matching checkpoints in {out}; run experiments/train_embedded.py first", file=sys.stderr)
         return 1
 
     model, processor = embedded_model("random")

@@ -1,6 +1,6 @@
 """Load a Hugging Face LVLM and answer the questions extraction asks about it.
 
-    load_model(name_or_path)        -> (model, processor); "mirlab/tiny-llava" = the embedded offline model
+    load_pretrained(name_or_path)   -> (model, processor) of a Hub id or local folder
     image_token_id(model, processor) -> the id whose positions in input_ids are the image rows
     num_layers(model)               -> L, the number of decoder layers of the language model
     render_prompt(processor, text)  -> how one (image, text) pair is written for this model
@@ -27,43 +27,44 @@ from dataclasses import dataclass
 
 import torch
 
-EMBEDDED_MODEL = "mirlab/tiny-llava"
 CONFIG_IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
 
 
-def load_model(name_or_path: str = EMBEDDED_MODEL, dtype=None, device_map=None, base_llm: str | None = None,
-               **kwargs):
+def resolve_dtype(dtype):
+    """A torch dtype from a dtype or its name ('bfloat16'); None stays None. Unknown names: ValueError."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"unknown dtype {dtype!r}: use a torch dtype name such as 'float32' or 'bfloat16'")
+
+
+def load_pretrained(name_or_path: str, dtype=None, device_map=None, base_llm: str | None = None, **kwargs):
     """(model, processor) for any checkpoint transformers loads as an image-text-to-text model.
 
-    name_or_path: a local folder or a Hub id (Hub ids need internet); "mirlab/tiny-llava" returns
-        `mirlab.embedded.embedded_model()` (offline), "mirlab/tiny-llava@<checkpoint>" a given projector
-        checkpoint (e.g. "@random").
+    name_or_path: a local folder or a Hub id (Hub ids need internet).
     dtype: torch dtype (or its name) of the weights, e.g. torch.bfloat16 for large models; default float32
         on CPU, as stored otherwise.
     device_map: passed to `from_pretrained` (accelerate), e.g. "auto" to spread a large model over devices.
     base_llm: folder / id of a causal LM whose weights replace the language model's (the official
         ``--base_llm``: a checkpoint that trained only the projector ships without the LLM).
     kwargs: passed to the model's `from_pretrained`.
+    (``mirlab.load_model`` also knows the embedded "mirlab/tiny-llava"; this function is the HF part.)
     """
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}: use a torch dtype name such as 'float32' or 'bfloat16'")
-        dtype = getattr(torch, dtype)
-    name, _, checkpoint = str(name_or_path).partition("@")
-    if name == EMBEDDED_MODEL:
-        from mirlab.embedded import embedded_model
-        model, processor = embedded_model(checkpoint) if checkpoint else embedded_model()
-        if dtype is not None:
-            model = model.to(dtype)
-    else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        try:
-            processor = AutoProcessor.from_pretrained(name_or_path)
-        except (ImportError, ModuleNotFoundError) as err:
-            raise ImportError(f"cannot build the processor of {name_or_path!r}: {err}. Processors with a video "
-                              "slot (Qwen2-VL, LLaVA-OneVision, SmolVLM) need torchvision") from err
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, device_map=device_map,
-                                                            **kwargs)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtype = resolve_dtype(dtype)
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+    except (ImportError, ModuleNotFoundError) as err:
+        raise ImportError(f"cannot build the processor of {name_or_path!r}: {err}. Processors with a video "
+                          "slot (Qwen2-VL, LLaVA-OneVision, SmolVLM) need torchvision") from err
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, device_map=device_map, **kwargs)
+    return finish_loading(model, processor, base_llm)
+
+
+def finish_loading(model, processor, base_llm: str | None = None):
+    """Swap in ``base_llm``'s weights if given, check the model marks image positions, return it in eval mode."""
     if base_llm is not None:
         load_base_llm(model, base_llm)
     image_token_id(model, processor)  # fail now, with the keys looked at, rather than mid-extraction

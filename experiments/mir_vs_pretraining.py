@@ -1,25 +1,25 @@
 """MIR of every shipped projector checkpoint vs its downstream score, and MIR's robustness to N and text type.
 
-    OMP_NUM_THREADS=1 python benchmarks/mir_vs_pretraining.py --threads 1        # both parts, resumable
-    python benchmarks/mir_vs_pretraining.py --skip-robustness                     # only the checkpoint table
+    OMP_NUM_THREADS=1 python experiments/mir_vs_pretraining.py --threads 1        # both parts, resumable
+    python experiments/mir_vs_pretraining.py --skip-robustness                     # only the checkpoint table
 
 Part 1 (issue 4 §4, the paper's claim in miniature). Evaluation set, fixed for every checkpoint:
 `mirlab.sample_pairs(N_PAIRS=64, seed=0, text="captions")` = all 15 bundled photos (photo_share 0.5 asks for 32,
 capped at the 15 shipped) + 49 held-out test-split synthetic scenes, each image with one of its own captions.
-For each checkpoint: `mirlab.embedded_model(checkpoint)` -> `mirlab.extract_hidden_states` (layers 1..30, default
+For each checkpoint: `mirlab.tiny.embedded_model(checkpoint)` -> `mirlab.extract_hidden_states` (layers 1..30, default
 "after_image" text rows, batch 8) -> `mirlab.compute_mir` with method="exact" and "official-fast" on the same
 hidden states. Checkpoints with identical projector tensors (each recipe's step-0000, whose files differ only in
 their metadata; final == lr2e-3/step-0250) are computed once. Outputs: data/projector/mir.csv (one row per
 shipped checkpoint, rewritten after every distinct projector, so an interrupted run resumes where it stopped),
 joined with retrieval_accuracy and heldout_caption_loss from data/projector/evaluation.csv;
 data/projector/mir_summary.json (evaluation set, wall times, Spearman rho and p of MIR vs accuracy and vs held-out
-loss: over the distinct projectors, over all rows and per recipe; see `mirlab.dynamics.checkpoint_correlations`).
+loss: over the distinct projectors, over all rows and per recipe; see `mirlab.study.dynamics.checkpoint_correlations`).
 
 Part 2 (the paper's T6). MIR (exact) of the final checkpoint for N in {5, 10, 20, 50, 100} pairs and seeds
 0..4, with captions or prose passages as the text side. One pool per text type is extracted once:
 `sample_pairs(POOL=120, seed=0, text=...)` (120 = the number of bundled prose passages; both pools hold the same
 120 images: all 15 photos + 105 test scenes; captions: each image's own caption; prose: an unrelated passage).
-A seed only chooses WHICH N pairs of the pool are used (`mirlab.dynamics.pair_subset`: N of 120 without
+A seed only chooses WHICH N pairs of the pool are used (`mirlab.study.dynamics.pair_subset`: N of 120 without
 replacement, numpy default_rng(seed)); the pool, the model and the method are fixed. So at N = 100 two seeds
 share at least 80 pairs and the spread there understates what a fresh draw from a larger population would give.
 Output: data/projector/robustness.csv (tidy: text, n_pairs, seed, mir), rewritten after every row.
@@ -35,8 +35,8 @@ import pandas as pd
 import torch
 
 import mirlab
-from mirlab import dynamics
-from mirlab.embedded import projector_dir
+from mirlab.study import dynamics
+from mirlab.tiny.build import projector_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_embedded import describe_checkpoint, order_checkpoints  # noqa: E402  (recipe/step/ordering as there)
@@ -92,7 +92,7 @@ def checkpoint_table(names, n_pairs: int, out: Path, timings: dict) -> pd.DataFr
             print(f"{first:20s} done already ({', '.join(same)})", flush=True)
             continue
         start = time.perf_counter()
-        model, processor = mirlab.embedded_model(first)
+        model, processor = mirlab.tiny.embedded_model(first)
         states = mirlab.extract_hidden_states(model, processor, images, texts, batch_size=BATCH_SIZE,
                                               progress=False)
         extracted = time.perf_counter()
@@ -124,7 +124,7 @@ def robustness(out: Path, timings: dict, cache_dir=None) -> pd.DataFrame:
             print(f"robustness {text}: done already", flush=True)
             continue
         if model is None:
-            model, processor = mirlab.embedded_model(ROBUST_CHECKPOINT)
+            model, processor = mirlab.tiny.embedded_model(ROBUST_CHECKPOINT)
         start = time.perf_counter()
         pool = mirlab.sample_pairs(POOL, seed=EVAL_SEED, text=text)
         states = mirlab.extract_hidden_states(model, processor, [i for i, _ in pool], [t for _, t in pool],
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = projector_dir()
-    names = [n for n in mirlab.embedded_checkpoints()
+    names = [n for n in mirlab.tiny.embedded_checkpoints()
              if args.checkpoints is None or any(n == c or n.startswith(c.rstrip("/") + "/") for c in args.checkpoints)]
     if not names:
         print(f"no matching checkpoints in {out}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Hidden states of image tokens and text tokens, per decoder layer, over N (image, text) pairs.
 
     hs = extract_hidden_states(model, processor, images, texts, batch_size=8, cache_dir="cache")
-    for layer, vision_rows, text_rows in hs:      # one layer in memory at a time
+    for layer, image_rows, text_rows in hs:      # one layer in memory at a time
         ...
     mirlab.compute_mir(hs)
 
@@ -9,13 +9,13 @@ Which rows (per pair; hidden_states of the language model has L + 1 entries, ind
 output, index L = the last layer *after* the final norm, as Hugging Face returns it; layers 1..L by default,
 ``include_embeddings=True`` adds 0, ``layers=[...]`` picks a subset):
 
-- image rows: the positions where ``input_ids == image_token_id`` (see ``mirlab.models.image_token_id``):
+- image rows: the positions where ``input_ids == image_token_id`` (see ``mirlab.lvlm.models.image_token_id``):
   exactly the rows the model overwrites with projected vision features. Never a hard-coded count.
 - text rows, ``text_span="after_image"`` (default, the official definition): every non-pad position after
   the last image row -- the text plus the template tokens around it.
   ``text_span="caption"``: only the tokens of the text itself (found through the tokenizer's offsets).
 
-Per family (the prompt is built by ``mirlab.models.render_prompt``):
+Per family (the prompt is built by ``mirlab.lvlm.models.render_prompt``):
 
 =================  ==================================================  =========================================
 family             image rows                                          "after_image" text rows also include
@@ -36,7 +36,7 @@ Gemma3             ``<image_soft_token>`` rows (mm_tokens_per_image);  ``<end_of
 Memory and storage: each batch is one forward pass ``model(**inputs, output_hidden_states=True)`` under
 ``torch.inference_mode`` (no generate, no attention maps, only the last position's logits when the model
 accepts ``logits_to_keep``). Right after it, every selected layer's rows are written to disk:
-``<store>/layer_XXX/{vision,text}_BBBBB.npy`` (BBBBB = batch number), float32 by default or float16
+``<store>/layer_XXX/{image,text}_BBBBB.npy`` (BBBBB = batch number), float32 by default or float16
 (``store_dtype``), each file written to a temporary name then ``os.replace``-d into place; the batch's
 manifest ``batches/BBBBB.json`` (which pairs, how many rows each) is written last, so a batch counts as done
 only once all its rows are on disk. Iterating reads one layer back at a time. Peak RAM is therefore one
@@ -64,15 +64,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirlab.data import load_image
-from mirlab.models import (image_token_id, model_fingerprint, num_layers, processor_fingerprint, render_prompt,
+from mirlab.pairs.readers import load_image
+from mirlab.lvlm.models import (image_token_id, model_fingerprint, num_layers, processor_fingerprint, render_prompt,
                            text_token_ids, truncate_text)
 
-FORMAT = "mirlab-hidden-states-v1"
+FORMAT = "mirlab-hidden-states-v2"  # v2: image_*.npy shards, n_image columns
 TEXT_SPANS = ("after_image", "caption")
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 ON_ERROR = ("raise", "skip")
-MODALITIES = ("vision", "text")
+MODALITIES = ("image", "text")
 
 
 class PairError(ValueError):
@@ -120,11 +120,11 @@ def select_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_id:
     if text_span not in TEXT_SPANS:
         raise ValueError(f"text_span must be one of {TEXT_SPANS}, got {text_span!r}")
     valid = attention_mask.bool()
-    vision = (input_ids == image_id) & valid
-    text = torch.zeros_like(vision)
+    image = (input_ids == image_id) & valid
+    text = torch.zeros_like(image)
     problems: list[str | None] = []
     for b in range(input_ids.shape[0]):
-        image_positions = vision[b].nonzero().flatten()
+        image_positions = image[b].nonzero().flatten()
         if len(image_positions) == 0:
             problems.append(f"no image rows (no token {image_id} in input_ids)")
             continue
@@ -138,13 +138,13 @@ def select_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_id:
             if start >= 0:
                 after[positions[start:start + len(pattern)]] = True
         if not after.any():
-            vision[b] = False
+            image[b] = False
             problems.append("no text rows after the image (text empty or truncated away?)"
                             if text_span == "after_image" else "its text tokens were not found after the image")
             continue
         text[b] = after
         problems.append(None)
-    return vision, text, problems
+    return image, text, problems
 
 
 # --- storage ---------------------------------------------------------------------------------------------------
@@ -175,9 +175,9 @@ def _manifest(root: Path, batch: int) -> Path:
 
 
 class HiddenStates:
-    """Per-layer image and text rows stored on disk; iterating yields ``(layer, vision_rows, text_rows)``.
+    """Per-layer image and text rows stored on disk; iterating yields ``(layer, image_rows, text_rows)``.
 
-    vision_rows: float32 tensor (n_vision, d), all pairs' image rows concatenated in pair order;
+    image_rows: float32 tensor (n_image, d), all pairs' image rows concatenated in pair order;
     text_rows: float32 tensor (n_text, d), likewise. ``samples`` says which rows belong to which pair.
     """
 
@@ -199,9 +199,9 @@ class HiddenStates:
 
     @property
     def samples(self) -> pd.DataFrame:
-        """One row per kept pair: pair (index in the input), name, n_vision, n_text, vision_start, text_start."""
-        frame = pd.DataFrame(self._samples, columns=["pair", "name", "n_vision", "n_text"])
-        frame["vision_start"] = frame["n_vision"].cumsum() - frame["n_vision"]
+        """One row per kept pair: pair (index in the input), name, n_image, n_text, image_start, text_start."""
+        frame = pd.DataFrame(self._samples, columns=["pair", "name", "n_image", "n_text"])
+        frame["image_start"] = frame["n_image"].cumsum() - frame["n_image"]
         frame["text_start"] = frame["n_text"].cumsum() - frame["n_text"]
         return frame
 
@@ -210,7 +210,7 @@ class HiddenStates:
         return len(self._samples)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(vision_rows, text_rows) of one layer, read from disk into float32 tensors."""
+        """(image_rows, text_rows) of one layer, read from disk into float32 tensors."""
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not extracted; available: {self.layers}")
         rows = []
@@ -339,11 +339,11 @@ def forward_hidden_states(model, inputs: dict) -> tuple[torch.Tensor, ...]:
         return model(**inputs, **extra).hidden_states
 
 
-def _write_batch(root: Path, batch: int, hidden_states, vision, text, layers, store_dtype) -> None:
+def _write_batch(root: Path, batch: int, hidden_states, image, text, layers, store_dtype) -> None:
     """Each selected layer's image rows and text rows of this batch, one .npy file per layer and modality."""
     for layer in layers:
         states = hidden_states[layer]
-        for modality, mask in (("vision", vision), ("text", text)):
+        for modality, mask in (("image", image), ("text", text)):
             rows = states[mask.to(states.device)].to("cpu", torch.float32).numpy()
             if store_dtype == np.float16 and rows.size and np.abs(rows).max() > np.finfo(np.float16).max:
                 raise ValueError(f"layer {layer} has {modality} values beyond the float16 range "
@@ -390,7 +390,7 @@ def _run_batch(model, processor, root, batch, pairs, images, prompts, problems, 
         kept, inputs = _batch_inputs(model, processor, kept, max_positions, problems, skipped)
     if kept:
         text_ids = [text_token_ids(processor.tokenizer, k[2]) for k in kept]
-        vision, text, why = select_rows(inputs["input_ids"].cpu(), inputs["attention_mask"].cpu(), image_id,
+        image, text, why = select_rows(inputs["input_ids"].cpu(), inputs["attention_mask"].cpu(), image_id,
                                         options["text_span"], text_ids)
         for (pair, _, _), reason in zip(kept, why):
             if reason is not None:
@@ -399,9 +399,9 @@ def _run_batch(model, processor, root, batch, pairs, images, prompts, problems, 
         if len(hidden_states) != options["n_layers"] + 1:
             raise ValueError(f"the model returned {len(hidden_states)} hidden states, expected "
                              f"{options['n_layers'] + 1} (num_hidden_layers + embeddings)")
-        _write_batch(root, batch, hidden_states, vision, text, layers, STORE_DTYPES[options["store_dtype"]])
+        _write_batch(root, batch, hidden_states, image, text, layers, STORE_DTYPES[options["store_dtype"]])
         hidden_size = int(hidden_states[0].shape[-1])
-        samples = [{"pair": pair, "name": problems.names[pair], "n_vision": int(vision[i].sum()),
+        samples = [{"pair": pair, "name": problems.names[pair], "n_image": int(image[i].sum()),
                     "n_text": int(text[i].sum())} for i, (pair, _, _) in enumerate(kept) if why[i] is None]
     _write_json(_manifest(root, batch), {"samples": samples, "skipped": skipped, "hidden_size": hidden_size})
 

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from . import pretrain
-from .scenes import COLOURS, SHAPES, distractor_captions
+from mirlab.pairs.scenes import COLOURS, SHAPES, distractor_captions
 
 KINDS = ("colour", "shape", "count")
 COUNT_WORDS = {"a", "an", "two", "three", "four"}
@@ -187,7 +187,7 @@ SCORE_COLUMNS = ("shape_recall", "colour_recall", "pair_recall", "shape_precisio
 def captioning_scores(captions: list[str], metadata: list[dict], seed: int = 0) -> pd.DataFrame:
     """Per scene: mention scores of its generated caption against the scene itself and (prefix `chance_`)
     against another scene of the set (seeded derangement)."""
-    from .scenes import caption_mentions
+    from mirlab.pairs.scenes import caption_mentions
 
     other = derangement(len(captions), seed)
     rows = []

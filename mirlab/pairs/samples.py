@@ -6,7 +6,7 @@
 - `prose_passages()`: 120 short English passages written by mirlab (data/prose/passages.jsonl, CC0) that play
   the role of the CNN/DailyMail stories in the paper: text unrelated to the image it is paired with.
 - `sample_pairs(n, seed, text=...)`: n (image, text) pairs for a MIR evaluation, mixing the photos with
-  synthetic scenes from `mirlab.scenes` (held-out 'test' split by default).
+  synthetic scenes from `mirlab.pairs.scenes` (held-out 'test' split by default).
 """
 
 import json
@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .scenes import SceneDataset
+from mirlab import paths
+from mirlab.pairs.scenes import SceneDataset
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-PHOTOS_FILE = DATA_DIR / "captions" / "photos.jsonl"
-PROSE_FILE = DATA_DIR / "prose" / "passages.jsonl"
+PHOTOS_FILE = Path("captions") / "photos.jsonl"  # relative to mirlab.paths.data_dir()
+PROSE_FILE = Path("prose") / "passages.jsonl"
 TEXT_KINDS = ("captions", "prose")
 
 
@@ -41,7 +41,7 @@ def _to_rgb(array):
     return Image.fromarray(array).convert("RGB")
 
 
-def load_image(ref):
+def load_bundled_image(ref):
     """Load a bundled image by reference: 'skimage:<function name>' or 'sklearn:<file name>'."""
     package, _, name = ref.partition(":")
     if package == "skimage":
@@ -60,7 +60,7 @@ def load_image(ref):
 
 def photo_records():
     """The caption records of data/captions/photos.jsonl (no images loaded)."""
-    return _read_jsonl(PHOTOS_FILE)
+    return _read_jsonl(paths.data_dir() / PHOTOS_FILE)
 
 
 def sample_photos():
@@ -68,7 +68,7 @@ def sample_photos():
     photos = []
     for record in photo_records():
         photos.append({
-            "image": load_image(record["image"]),
+            "image": load_bundled_image(record["image"]),
             "captions": list(record["captions"]),
             "name": record["image"],
             "licence": record["licence"],
@@ -80,7 +80,7 @@ def sample_photos():
 
 def prose_passages():
     """The bundled prose passages (list of str), in file order."""
-    return [row["text"] for row in _read_jsonl(PROSE_FILE)]
+    return [row["text"] for row in _read_jsonl(paths.data_dir() / PROSE_FILE)]
 
 
 def sample_pairs(n, seed=0, text="captions", photo_share=0.5, scene_split="test", scene_size=224):
@@ -104,7 +104,7 @@ def sample_pairs(n, seed=0, text="captions", photo_share=0.5, scene_split="test"
     items = []  # (image, own caption)
     for i in rng.permutation(len(records))[:n_photos]:
         record = records[i]
-        items.append((load_image(record["image"]), str(rng.choice(record["captions"]))))
+        items.append((load_bundled_image(record["image"]), str(rng.choice(record["captions"]))))
     for scene in SceneDataset(n - n_photos, seed=seed, split=scene_split, size=scene_size):
         items.append((scene["image"], scene["caption"]))
     if text == "prose":

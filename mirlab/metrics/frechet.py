@@ -41,7 +41,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from mirlab.normalize import check_rows
+from mirlab.metrics.normalize import check_rows
 
 METHODS = ("exact", "official-fast", "official-accurate")
 EPS64 = np.finfo(np.float64).eps

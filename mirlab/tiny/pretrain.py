@@ -1,6 +1,6 @@
 """LLaVA stage-1 pre-training of the embedded model's projector (vision tower and LLM frozen).
 
-Each training example is one synthetic scene (`mirlab.scenes`, split "train") in the embedded model's chat
+Each training example is one synthetic scene (`mirlab.pairs.scenes`, split "train") in the embedded model's chat
 format, with no instruction text (the same prompt MIR is measured with: the user turn is the image only):
 
     <|im_start|>user\\n<image>\\n<|im_end|>\\n<|im_start|>assistant\\n{caption}<|im_end|>\\n
@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mirlab import paths
+
 IGNORE = -100  # label of a position that is not a target
 STATE_FILE = "state.pt"
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
@@ -57,7 +59,7 @@ LOG_FIELDS = ("step", "loss", "lr", "seconds")
 class Recipe:
     """Everything that determines a training run (two runs with equal recipes give identical weights)."""
     name: str
-    lr: float = 2e-3  # defaults: the shipped recipe "lr2e-3" (benchmarks/train_embedded.py)
+    lr: float = 2e-3  # defaults: the shipped recipe "lr2e-3" (experiments/train_embedded.py)
     steps: int = 250
     batch_size: int = 8
     warmup: int = 15
@@ -204,9 +206,8 @@ def freeze_all_but_projector(model):
 # --- data -----------------------------------------------------------------------------------------------------
 
 def scratch_dir() -> Path:
-    """Scratch folder for training state and feature caches: <$MIRLAB_CACHE_DIR or ~/.cache/mirlab>/train."""
-    root = os.environ.get("MIRLAB_CACHE_DIR") or Path.home() / ".cache" / "mirlab"
-    return Path(root).expanduser() / "train"
+    """Scratch folder for training state and feature caches: `mirlab.paths.scratch_dir("train")`."""
+    return paths.scratch_dir("train")
 
 
 def image_features(model, processor, images, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
@@ -226,7 +227,7 @@ def scene_features(model, processor, n: int, seed: int = 0, split: str = "train"
 
     With cache=True the features are stored in scratch_dir() keyed by the scene set and the vision weights.
     """
-    from .scenes import scene_dataset
+    from mirlab.pairs.scenes import scene_dataset
 
     dataset = scene_dataset(n, seed=seed, split=split)
     scenes = list(dataset)  # each item is rendered on access: render once
@@ -284,7 +285,7 @@ def _restart_log(path: Path, step: int):
 
 
 def _save_trajectory(model, out_dir: Path, recipe: Recipe, step: int, loss: float | None):
-    from .embedded import save_projector
+    from mirlab.tiny.build import save_projector
 
     meta = {"recipe": recipe.name, "step": step, "lr": recipe.lr, "steps": recipe.steps,
             "batch_size": recipe.batch_size, "train_scenes": recipe.train_scenes, "seed": recipe.seed,
@@ -303,7 +304,7 @@ def train(model, recipe: Recipe, features: torch.Tensor, captions: list[str], pr
     """
     from tqdm.auto import tqdm
 
-    from .embedded import projector_dir
+    from mirlab.tiny.build import projector_dir
 
     if len(features) != recipe.train_scenes or len(captions) != recipe.train_scenes:
         raise ValueError(f"recipe {recipe.name} wants {recipe.train_scenes} training scenes, got "
@@ -390,7 +391,7 @@ def recipe_from_args(args) -> Recipe:
 
 def run(recipe: Recipe, out_dir=None, state_dir=None, progress: bool = True) -> int:
     """Load the embedded model with its random projector, build (or reuse) the feature cache, train."""
-    from .embedded import embedded_model
+    from mirlab.tiny.build import embedded_model
 
     model, processor = embedded_model("random")
     features, captions, _ = scene_features(model, processor, recipe.train_scenes, seed=recipe.seed,

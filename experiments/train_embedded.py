@@ -1,12 +1,12 @@
 """Pre-train the embedded model's projector: every recipe end to end, resumable, idempotent.
 
-    python benchmarks/train_embedded.py            # train what is missing, resume what was interrupted
-    python benchmarks/train_embedded.py --plan     # print the recipes and what is done, train nothing
+    python experiments/train_embedded.py            # train what is missing, resume what was interrupted
+    python experiments/train_embedded.py --plan     # print the recipes and what is done, train nothing
 
 The recipes echo the paper's T2 (learning rate during pre-training): same data, same steps, same init (the
 embedded model's seeded random projector), two peak learning rates. Each ships a trajectory of fp16 projector
 checkpoints (step 0 included) and its training log under data/projector/<recipe>/; the resumable state lives in
-the scratch folder (`mirlab.pretrain.scratch_dir()`), outside git.
+the scratch folder (`mirlab.tiny.pretrain.scratch_dir()`), outside git.
 
 Re-running skips finished recipes (their last checkpoint and a complete log exist) and resumes unfinished ones
 from their last saved state. When every recipe is finished, `data/projector/final.safetensors` becomes the last
@@ -28,9 +28,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mirlab import evaluate, pretrain
-from mirlab.embedded import embedded_model, init_projector, load_projector, projector_dir
-from mirlab.pretrain import Recipe, trajectory_steps
+from mirlab.tiny import evaluate
+from mirlab.tiny import pretrain
+from mirlab.tiny.build import embedded_model, init_projector, load_projector, projector_dir
+from mirlab.tiny.pretrain import Recipe, trajectory_steps
 
 STEPS = 250
 TRAIN_SCENES = 2000  # one epoch: 250 updates x 8 captions, every training scene seen once

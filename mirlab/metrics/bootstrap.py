@@ -14,7 +14,7 @@ The whole per-layer pipeline of MIR is recomputed on the replicate:
     MIR_b = log10( sum_k FD_k )
 
 This equals MIR of the replicate's rows laid out one copy per draw (the tests check it against
-`mirlab.mir.layer_fd` on materialized replicates). The parity methods ("official-fast",
+`mirlab.metrics.mir.layer_fd` on materialized replicates). The parity methods ("official-fast",
 "official-accurate") have no weighted form: their replicates are materialized and sent through
 `layer_fd` (slow: one full FD per layer and replicate).
 
@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirlab.frechet import METHODS, trace_sqrt_of_factors
-from mirlab.mir import OUTLIER_MODES, layer_fd
-from mirlab.normalize import check_rows
+from mirlab.metrics.frechet import METHODS, trace_sqrt_of_factors
+from mirlab.metrics.mir import OUTLIER_MODES, layer_fd
+from mirlab.metrics.normalize import check_rows
 
 
 INTERVALS = ("percentile", "basic")
@@ -151,14 +151,14 @@ class _Modality:
         return mu, (rows - mu) * np.sqrt(weights / (n - 1))[:, None]
 
 
-def weighted_layer_fd(vision: _Modality, text: _Modality, vision_weights: np.ndarray, text_weights: np.ndarray,
+def weighted_layer_fd(image: _Modality, text: _Modality, image_weights: np.ndarray, text_weights: np.ndarray,
                       outliers: str = "replace", n_sigma: float = 3.0) -> float:
     """Exact FD_k of a replicate given per-row weights (see the module docstring), in float64.
 
     FD is computed on the raw rows and multiplied by s^2 (FD and the 3σ step are scale-equivariant).
     """
     scale = text_weights.sum() / (text_weights * text.norms).sum()
-    mu_v, R_v = vision.factor(vision_weights, outliers, n_sigma)
+    mu_v, R_v = image.factor(image_weights, outliers, n_sigma)
     mu_t, R_t = text.factor(text_weights, outliers, n_sigma)
     traces = np.sum(R_v ** 2) + np.sum(R_t ** 2)
     if min(len(R_v), len(R_t)) > R_v.shape[1]:  # both clouds have more rows than dimensions: d x d route
@@ -185,15 +185,15 @@ def replicate_rows(counts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def _pair_sizes(hidden_states) -> dict[str, np.ndarray]:
-    """Rows per pair and modality, from hidden_states.samples (columns n_vision, n_text)."""
+    """Rows per pair and modality, from hidden_states.samples (columns n_image, n_text)."""
     samples = getattr(hidden_states, "samples", None)
-    if not isinstance(samples, pd.DataFrame) or not {"n_vision", "n_text"} <= set(samples.columns):
+    if not isinstance(samples, pd.DataFrame) or not {"n_image", "n_text"} <= set(samples.columns):
         raise ValueError("bootstrap_mir needs mirlab.HiddenStates (or any object with a .samples DataFrame with "
-                         "columns n_vision, n_text that iterates (layer, vision_rows, text_rows)) to know which "
+                         "columns n_image, n_text that iterates (layer, image_rows, text_rows)) to know which "
                          "rows belong to which pair")
     if len(samples) < 2:
         raise ValueError(f"a bootstrap over pairs needs at least 2 pairs, got {len(samples)}")
-    sizes = {m: samples[f"n_{m}"].to_numpy(dtype=np.int64) for m in ("vision", "text")}
+    sizes = {m: samples[f"n_{m}"].to_numpy(dtype=np.int64) for m in ("image", "text")}
     for modality, size in sizes.items():
         if (size < 1).any():
             raise ValueError(f"pair {int(np.argmin(size))} has no {modality} rows")
@@ -224,19 +224,19 @@ def _known_point(result, method, outliers, n_sigma) -> dict | None:
     return dict(zip(result.per_layer["layer"].tolist(), result.per_layer["fd"].tolist()))
 
 
-def replicate_layer_fds(vision, text, counts: np.ndarray, sizes: dict[str, np.ndarray], method: str = "exact",
+def replicate_layer_fds(image, text, counts: np.ndarray, sizes: dict[str, np.ndarray], method: str = "exact",
                         outliers: str = "replace", n_sigma: float = 3.0, layer="?") -> np.ndarray:
     """FD_k of one layer for every replicate (row b of counts): weighted route for "exact", else materialized."""
     out = np.empty(len(counts))
     if method != "exact":
         for b, c in enumerate(counts):
-            rows_v, rows_t = replicate_rows(c, sizes["vision"]), replicate_rows(c, sizes["text"])
-            out[b] = layer_fd(vision[rows_v], text[rows_t], method, outliers, n_sigma, layer)["fd"]
+            rows_v, rows_t = replicate_rows(c, sizes["image"]), replicate_rows(c, sizes["text"])
+            out[b] = layer_fd(image[rows_v], text[rows_t], method, outliers, n_sigma, layer)["fd"]
         return out
-    v, t = _Modality(vision, f"layer {layer}, vision rows"), _Modality(text, f"layer {layer}, text rows")
+    v, t = _Modality(image, f"layer {layer}, image rows"), _Modality(text, f"layer {layer}, text rows")
     for b, c in enumerate(counts):
         try:
-            out[b] = weighted_layer_fd(v, t, np.repeat(c, sizes["vision"]), np.repeat(c, sizes["text"]),
+            out[b] = weighted_layer_fd(v, t, np.repeat(c, sizes["image"]), np.repeat(c, sizes["text"]),
                                        outliers, n_sigma)
         except ValueError as err:
             raise ValueError(f"layer {layer}, replicate {b}: {err}") from None
@@ -264,19 +264,19 @@ def bootstrap_mir(hidden_states, n_boot: int = 200, seed: int = 0, method: str =
                desc=f"bootstrap MIR ({method})", unit="layer", disable=not progress)
     layers, point, fds = [], [], []
     for item in hidden_states:  # a plain loop with del: one layer alive at a time
-        layer, vision, text = item
+        layer, image, text = item
         del item
-        for modality, rows in (("vision", vision), ("text", text)):
+        for modality, rows in (("image", image), ("text", text)):
             if len(rows) != sizes[modality].sum():
                 raise ValueError(f"layer {layer}: {len(rows)} {modality} rows, but the samples table "
                                  f"accounts for {sizes[modality].sum()}")
         if known is not None and layer not in known:
             raise ValueError(f"result has no FD for layer {layer}")
-        point.append(known[layer] if known is not None else layer_fd(vision, text, method, outliers, n_sigma,
+        point.append(known[layer] if known is not None else layer_fd(image, text, method, outliers, n_sigma,
                                                                       layer)["fd"])
-        fds.append(replicate_layer_fds(vision, text, counts, sizes, method, outliers, n_sigma, layer))
+        fds.append(replicate_layer_fds(image, text, counts, sizes, method, outliers, n_sigma, layer))
         layers.append(layer)
-        del vision, text
+        del image, text
         bar.update(1)
     bar.close()
     if not layers:

@@ -2,7 +2,7 @@
 
 The claim of the MIR paper in miniature: as the projector of an LVLM is pre-trained, MIR (lower = modalities
 better integrated) should fall while a downstream score rises, so MIR ranks checkpoints without a benchmark.
-`benchmarks/mir_vs_pretraining.py` measures it on every shipped projector checkpoint of the embedded model and
+`experiments/mir_vs_pretraining.py` measures it on every shipped projector checkpoint of the embedded model and
 writes three files next to the checkpoints (data/projector/):
 
     mir.csv           one row per checkpoint: checkpoint, recipe, step, n_pairs, mir_exact, mir_official_fast,
@@ -33,7 +33,7 @@ ROBUSTNESS_COLUMNS = ["text", "n_pairs", "seed", "mir"]
 
 
 def _projector_dir() -> Path:
-    from mirlab.embedded import projector_dir
+    from mirlab.tiny.build import projector_dir
 
     return projector_dir()
 
@@ -49,8 +49,8 @@ def load_table(name: str, folder: str | Path | None = None):
     path = Path(folder) if folder is not None else _projector_dir()
     path = path / TABLES[name]
     if not path.is_file():
-        producer = ("benchmarks/evaluate_embedded.py" if name == "evaluation"
-                    else "benchmarks/mir_vs_pretraining.py")
+        producer = ("experiments/evaluate_embedded.py" if name == "evaluation"
+                    else "experiments/mir_vs_pretraining.py")
         raise FileNotFoundError(f"{path} does not exist: run `python {producer}` to produce it")
     if name == "summary":
         return json.loads(path.read_text())
@@ -65,7 +65,7 @@ def checkpoint_digest(checkpoint: str) -> str:
     """
     from safetensors.torch import load_file
 
-    from mirlab.embedded import checkpoint_path
+    from mirlab.tiny.build import checkpoint_path
 
     path = checkpoint_path(checkpoint)
     if path is None:
@@ -99,10 +99,10 @@ def pair_subset(n_pool: int, n_pairs: int, seed: int) -> np.ndarray:
 
 
 def subset_layers(hidden_states, pairs):
-    """Iterate (layer, vision_rows, text_rows) of `hidden_states` restricted to the given pairs.
+    """Iterate (layer, image_rows, text_rows) of `hidden_states` restricted to the given pairs.
 
-    hidden_states: a `mirlab.HiddenStates` (or anything with a `.samples` table holding n_vision and n_text per
-    kept pair, in row order, that iterates (layer, vision_rows, text_rows)). pairs: positions in that table
+    hidden_states: a `mirlab.HiddenStates` (or anything with a `.samples` table holding n_image and n_text per
+    kept pair, in row order, that iterates (layer, image_rows, text_rows)). pairs: positions in that table
     (0 .. n_pairs - 1; rows come in pair order, a position given twice counts twice). The result feeds `mirlab.compute_mir` directly: MIR of a subset equals MIR of
     extracting only those pairs (each pair's rows do not depend on the other pairs of its batch, up to
     float32 rounding of batched matrix products).
@@ -113,15 +113,15 @@ def subset_layers(hidden_states, pairs):
         raise ValueError("pairs must be a non-empty 1-d list of positions")
     if pairs.min() < 0 or pairs.max() >= len(samples):
         raise ValueError(f"pair positions must be in [0, {len(samples) - 1}], got {pairs.min()}..{pairs.max()}")
-    from mirlab.bootstrap import replicate_rows
+    from mirlab.metrics.bootstrap import replicate_rows
 
     counts = np.bincount(pairs, minlength=len(samples))  # a subset is a replicate that draws each pair once
-    index = {m: replicate_rows(counts, samples[f"n_{m}"].to_numpy(dtype=np.int64)) for m in ("vision", "text")}
+    index = {m: replicate_rows(counts, samples[f"n_{m}"].to_numpy(dtype=np.int64)) for m in ("image", "text")}
     for item in hidden_states:
-        layer, vision, text = item
+        layer, image, text = item
         del item
-        yield layer, vision[index["vision"]], text[index["text"]]
-        del vision, text
+        yield layer, image[index["image"]], text[index["text"]]
+        del image, text
 
 
 def spearman_table(table: pd.DataFrame, x=("mir_exact", "mir_official_fast"),

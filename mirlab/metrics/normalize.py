@@ -12,11 +12,24 @@ per-dimension median vector, which is taken over all rows of the matrix (outlier
 
 Everything here works on torch tensors and numpy arrays and returns the same kind it was given.
 `check_rows` is the input validation shared by the whole math (frechet, mir).
+
+`prepare_layer` is the seam between extraction and any per-layer metric: it upcasts one layer's image and
+text rows (so float16/bfloat16/float32 caches all get float64 arithmetic), applies the text-centric scale and
+the 3-sigma rule, and returns the rows a metric consumes. MIR's `layer_fd` is prepare_layer + Fréchet
+distance; a new metric can start from the same prepared rows (docs/architecture.md, "Adding a metric").
+
+Where mirlab and the paper differ (docs/paper-differences.md): the paper's Eq. 3 *removes* the 3-sigma
+outliers, while the official code *replaces* them by the per-dimension median. mirlab follows the code
+(``outliers="replace"``, the default) and offers the paper's reading as ``outliers="drop"``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
+
+OUTLIER_MODES = ("replace", "drop", "none")
 
 
 def _is_torch(x) -> bool:
@@ -113,3 +126,57 @@ def replace_outliers(x, n_sigma: float = 3.0, mode: str = "replace"):
     clean = x.clone() if _is_torch(x) else x.copy()
     clean[mask] = dimension_median(x)
     return clean, mask
+
+
+class PreparedLayer(NamedTuple):
+    """One layer's rows as MIR measures them: scaled by ``scale`` and outlier-handled, in ``image.dtype``."""
+    image: torch.Tensor | np.ndarray
+    text: torch.Tensor | np.ndarray
+    scale: float
+    image_outliers: int
+    text_outliers: int
+
+
+def _upcast(x, dtype):
+    if _is_torch(x):
+        return x.detach().to(dtype=dtype)
+    return np.asarray(x, dtype=np.float64 if dtype == torch.float64 else np.float32)
+
+
+def prepare_layer(image, text, outliers: str = "replace", n_sigma: float = 3.0, layer: int | str = "?",
+                  dtype: torch.dtype = torch.float64) -> PreparedLayer:
+    """Text-centric scale and 3-sigma rule for one layer, in ``dtype`` (float64 unless asked otherwise).
+
+        s   = 1 / mean_j ||T_j||_2            (T: text rows, norms in float64)
+        V'  = outliers(s V),  T' = outliers(s T)   per modality, see `replace_outliers`
+
+    The rows are converted to ``dtype`` *before* any arithmetic, so the result does not depend on the dtype
+    the hidden states were stored in (float16, bfloat16, float32): they are exact inputs, upcast exactly.
+    outliers: "replace" (official code, default), "drop" (the paper's Eq. 3 read literally) or "none".
+    Errors name ``layer`` and the modality. Memory: a float64 copy of the layer's rows.
+    """
+    if outliers not in OUTLIER_MODES:
+        raise ValueError(f"outliers must be one of {OUTLIER_MODES}, got {outliers!r}")
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    image = check_rows(image, f"layer {layer}, image rows")
+    text = check_rows(text, f"layer {layer}, text rows")
+    if image.shape[1] != text.shape[1]:
+        raise ValueError(f"layer {layer}: image rows have width {image.shape[1]} "
+                         f"but text rows have width {text.shape[1]}")
+    image, text = _upcast(image, dtype), _upcast(text, dtype)
+    try:
+        scale = text_centric_scale(text)
+    except ValueError as err:
+        raise ValueError(f"layer {layer}, {err}") from None
+    counts = []
+    prepared = []
+    for rows in (image * scale, text * scale):
+        if outliers == "none":
+            prepared.append(rows)
+            counts.append(0)
+        else:
+            clean, mask = replace_outliers(rows, n_sigma=n_sigma, mode=outliers)
+            prepared.append(clean)
+            counts.append(int(mask.sum()))
+    return PreparedLayer(prepared[0], prepared[1], scale, counts[0], counts[1])

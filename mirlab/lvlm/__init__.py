@@ -1,0 +1,12 @@
+"""Any Hugging Face LVLM: load it, find its image and text rows, extract per-layer hidden states to disk.
+
+    models    load_pretrained (Hub id or folder), image_token_id, num_layers, render_prompt, fingerprints
+    extract   select_rows, extract_hidden_states -> HiddenStates (the on-disk, per-layer row store)
+
+Imports mirlab.pairs (to read images) and nothing of mirlab.metrics, mirlab.tiny or the front.
+"""
+from mirlab.lvlm.extract import HiddenStates, PairError, extract_hidden_states, select_rows
+from mirlab.lvlm.models import image_token_id, load_pretrained, model_fingerprint, num_layers, render_prompt
+
+__all__ = ["HiddenStates", "PairError", "extract_hidden_states", "image_token_id", "load_pretrained",
+           "model_fingerprint", "num_layers", "render_prompt", "select_rows"]
