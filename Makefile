@@ -3,12 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup test course bench browser-test
+.PHONY: setup test quick lint-imports course bench browser-test
 setup:
 	bash scripts/setup.sh
 
+# Everything: the tests (slow ones included) and every notebook under nbval (tests/conftest.py turns nbval on).
 test: setup
 	$(PY) -m pytest -q
+
+# The fast tests only: no `slow` test (embedded model, notebooks run by papermill, benchmarks), no browser test,
+# no nbval. A minute or two on 2 cores.
+quick: setup
+	$(PY) -m pytest -q -m "not slow and not browser" -p no:nbval
+
+# The import rules of docs/architecture.md (also checked by tests/test_architecture.py).
+lint-imports: setup
+	$(VENV)/bin/lint-imports --no-cache
 
 course: setup
 	$(VENV)/bin/mirlab course --out $(OUT)

@@ -23,7 +23,7 @@ Variants, each measured in its own subprocess (honest peak RSS) on the same mode
 Reported: tokens/s (non-pad tokens through the LLM, counted outside the timed region, per second of wall
 time, processor included), peak RSS of
 the whole process and the peak growth during the workload (VmHWM is reset after the model is built).
-Targets (issue 3): mirlab >= 3x official tokens/s, <= 1/4 of its peak RSS, and within 1.3x of bare.
+Targets: mirlab >= 3x official tokens/s, <= 1/4 of its peak RSS, and within 1.3x of bare.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python experiments/mir_vs_pretraining.py --threads 1        # both parts, resumable
     python experiments/mir_vs_pretraining.py --skip-robustness                     # only the checkpoint table
 
-Part 1 (issue 4 §4, the paper's claim in miniature). Evaluation set, fixed for every checkpoint:
+Part 1 (the paper's headline claim in miniature: lower MIR after pre-training, better downstream score). Evaluation set, fixed for every checkpoint:
 `mirlab.sample_pairs(N_PAIRS=64, seed=0, text="captions")` = all 15 bundled photos (photo_share 0.5 asks for 32,
 capped at the 15 shipped) + 49 held-out test-split synthetic scenes, each image with one of its own captions.
 For each checkpoint: `mirlab.tiny.embedded_model(checkpoint)` -> `mirlab.extract_hidden_states` (layers 1..30, default

@@ -2,21 +2,30 @@
 
 Every notebook has a cell tagged ``parameters`` (papermill injects values after it) and a parameter
 ``results_path``: when set, the notebook writes its key numbers there as JSON. This module runs
-notebooks headless and turns those JSON files into one tidy table:
+notebooks headless and turns those JSON files into tidy tables:
 
     run_course(out_dir)                      -> every notebook once, default parameters
     sweep(notebook, grid={"seed": [0, 1]})   -> one notebook over a parameter grid
+    long_table(records)                      -> one row per recorded number (notebook, key, value)
+
+``mirlab course`` prints one line per notebook as it finishes (``notebook_line``: wall time, figures, up to
+three headline numbers).
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+# the kernel's own log stops at errors: its "Kernel is running over TCP without encryption" warning (ipykernel's
+# IPKernelApp, printed on every start; the kernel only listens on localhost) would otherwise fill the terminal
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
 def course_notebooks(notebook_dir: str | Path = NOTEBOOK_DIR) -> list[Path]:
@@ -62,7 +71,7 @@ def run_notebook(
     params["results_path"] = str(results_path.resolve())
     papermill.execute_notebook(
         str(notebook), str(executed), parameters=params, kernel_name=kernel_name,
-        cwd=str(notebook.parent), progress_bar=progress,
+        cwd=str(notebook.parent), progress_bar=progress, extra_arguments=KERNEL_ARGUMENTS,
     )
     if not results_path.is_file():
         raise RuntimeError(f"{notebook.name} ran but recorded no results at {results_path}")
@@ -130,27 +139,85 @@ def run_course(
     parameters: Mapping[str, Any] | None = None,
     notebook_dir: str | Path = NOTEBOOK_DIR,
     progress: bool = True,
+    report: Callable[[dict], object] | None = None,
 ) -> pd.DataFrame:
-    """Execute every course notebook; write executed copies, their figures, ``results.json`` and ``results.csv``.
+    """Execute every course notebook; write executed copies, their figures and the results tables.
 
     Layout of ``out_dir``: ``notebooks/`` (executed copies), ``results/`` (each notebook's recorded JSON),
-    ``figures/`` (every figure as ``<notebook>-<k>.png``), ``results.json`` and ``results.csv`` (one row per
-    notebook, its scalar results).
+    ``figures/`` (every figure as ``<notebook>-<k>.png``), ``results.json`` (every record), ``results.csv`` (one
+    row per notebook, its scalar results) and ``results_long.csv`` (``long_table``: one row per number).
+    Each record also holds ``seconds`` (the notebook's wall time) and ``figures`` (how many it drew).
 
     ``parameters`` are injected into every notebook (papermill ignores names a notebook doesn't declare).
+    ``report(record)`` is called after each notebook (``mirlab course`` prints ``notebook_line(record)``).
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     records = []
     for notebook in tqdm(course_notebooks(notebook_dir), desc="course", disable=not progress):
-        records.append(run_notebook(notebook, out_dir, parameters))
-        figures = export_figures(executed_path(notebook, out_dir), out_dir / "figures")
-        records[-1]["figures"] = len(figures)
+        start = time.perf_counter()
+        record = run_notebook(notebook, out_dir, parameters)
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        record["figures"] = len(export_figures(executed_path(notebook, out_dir), out_dir / "figures"))
+        records.append(record)
+        if report is not None:
+            report(record)
     (out_dir / "results.json").write_text(json.dumps(records, indent=2, default=str))
     table = pd.DataFrame([_scalar_columns(r) for r in records])
     table.to_csv(out_dir / "results.csv", index=False)
+    long_table(records).to_csv(out_dir / "results_long.csv", index=False)
     return table
+
+
+def _flatten(value, key: str):
+    """(dotted key, scalar) pairs of a nested record: ``{"a": {"b": [1, 2]}}`` -> ``a.b[0]``, ``a.b[1]``."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _flatten(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _flatten(v, f"{key}[{i}]")
+    else:
+        yield key, value
+
+
+def long_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per recorded value: columns ``notebook``, ``key``, ``value`` (nested entries flattened).
+
+    Lists become ``key[i]`` and dicts ``key.sub``, so per-layer curves are rows too: filter on ``key`` and
+    pivot as needed. Values keep their JSON type (numbers, strings, booleans, None).
+    """
+    rows = [{"notebook": record["notebook"], "key": key, "value": value}
+            for record in records for key, value in _flatten({k: v for k, v in record.items() if k != "notebook"}, "")]
+    return pd.DataFrame(rows, columns=["notebook", "key", "value"])
+
+
+def key_numbers(record: Mapping[str, Any], skip: Iterable[str] = (), count: int = 3) -> list[tuple[str, float]]:
+    """Up to ``count`` headline numbers of a record: its top-level numeric entries, ``mir*`` keys first, else in
+    recorded order; ``skip`` names entries to leave out (injected parameters, bookkeeping)."""
+    skip = {"notebook", "seconds", "figures", *skip}
+    numbers = [(k, v) for k, v in record.items()
+               if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numbers.sort(key=lambda item: not item[0].lower().startswith("mir"))  # stable: keeps recorded order
+    return numbers[:count]
+
+
+def _number(value) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return "nan" if math.isnan(value) else f"{value:.4g}"
+
+
+def notebook_line(record: Mapping[str, Any], skip: Iterable[str] = (), width: int = 24) -> str:
+    """One line for a notebook run: name, wall time, figures, and its key numbers, e.g.
+    ``04_mir                    12.3 s   3 figures   mir=2.174  mir_low=2.151  mir_high=2.2``."""
+    numbers = "  ".join(f"{k}={_number(v)}" for k, v in key_numbers(record, skip))
+    seconds = record.get("seconds")
+    time_text = f"{seconds:7.1f} s" if isinstance(seconds, (int, float)) else " " * 9
+    figures = record.get("figures")
+    figure_text = f"{figures} figure{'' if figures == 1 else 's'}" if figures is not None else ""
+    return f"{record['notebook']:<{width}} {time_text}   {figure_text:<10}  {numbers}".rstrip()
 
 
 # --- the `mirlab course` and `mirlab sweep` subcommands -------------------------------------------------
@@ -185,10 +252,11 @@ def add_course_arguments(parser) -> None:
 
 def course_command(args) -> int:
     """Run every course notebook headless; write executed notebooks and a results table."""
-    table = run_course(args.out, _parameters(args.parameter), args.notebooks)
-    print(table.to_string(index=False))
-    print(f"wrote {args.out}/notebooks/*.ipynb, {args.out}/figures/*.png, {args.out}/results.csv and "
-          f"{args.out}/results.json")
+    parameters = _parameters(args.parameter)
+    run_course(args.out, parameters, args.notebooks, progress=False,
+               report=lambda record: print(notebook_line(record, skip=parameters), flush=True))
+    print(f"wrote {args.out}/notebooks/*.ipynb, {args.out}/figures/*.png, {args.out}/results.csv, "
+          f"{args.out}/results_long.csv and {args.out}/results.json")
     return 0
 
 

@@ -7,8 +7,11 @@ writes ``out/mir.json`` (MIRResult.to_json, with the run's settings in ``meta``)
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
+from mirlab.errors import UserError
 from mirlab.lvlm.extract import extract_hidden_states
 from mirlab.lvlm.models import finish_loading, load_pretrained, resolve_dtype
 from mirlab.pairs.readers import Pairs, folder_pairs, jsonl_pairs
@@ -65,7 +68,29 @@ def _single_device(device_map, name):
         raise ValueError(f"load_model({name!r}): device_map {device_map!r} is not a device: {err}") from None
 
 
-def _pairs(images, texts, pairs_file, eval_num, seed) -> Pairs:
+def check_writable_folder(path, what: str) -> Path:
+    """``path`` as a Path if it is, or can become, a folder mirlab may write to; else UserError naming ``what``.
+
+    Tried, not guessed (permission bits lie for root and on read-only mounts): a temporary folder is made and
+    removed in ``path`` or, if ``path`` does not exist yet, in its nearest existing ancestor. Nothing is created.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder: give a folder path or move the file away")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mirlab-write-test-", dir=existing))
+    except OSError as err:
+        raise UserError(f"{what} {path} cannot be written ({err.strerror or err} in {existing}): give a folder "
+                        f"you can write to") from None
+    return path
+
+
+def _pairs(images, texts, pairs_file, eval_num, seed, on_error) -> Pairs:
     if pairs_file is not None:
         if images is not None or texts is not None:
             raise ValueError("give either a pairs JSONL file or images + texts, not both")
@@ -73,7 +98,7 @@ def _pairs(images, texts, pairs_file, eval_num, seed) -> Pairs:
     if images is None or texts is None:
         raise ValueError("need images and texts (folders or lists), or a pairs JSONL file")
     if isinstance(images, (str, Path)) and isinstance(texts, (str, Path)):
-        return folder_pairs(images, texts, n=eval_num, seed=seed)
+        return folder_pairs(images, texts, n=eval_num, seed=seed, on_error=on_error)
     if isinstance(images, (str, Path)) or isinstance(texts, (str, Path)):
         raise ValueError("images and texts must both be folders or both be lists")
     pairs = Pairs(list(images), list(texts))
@@ -96,11 +121,18 @@ def run_mir(model=EMBEDDED_MODEL, images=None, texts=None, *, pairs_file=None, e
         an already loaded ``(model, processor)`` tuple.
     images, texts: two folders (drawn with ``seed``, see mirlab.pairs.readers) or two equal-length lists (the first
         ``eval_num`` are used); or ``pairs_file``: a JSONL of {"image", "text"}.
-    method / outliers: see ``mirlab.compute_mir``. The remaining options: see ``extract_hidden_states``.
+    method / outliers: see ``mirlab.compute_mir``. The remaining options: see ``extract_hidden_states``
+        (``on_error="skip"`` also leaves out pairs whose text file is unusable, see ``folder_pairs``).
+
+    Inputs are checked before the model is loaded: the pairs are read and ``cache_dir`` / ``out_dir`` must be
+    writable folders (UserError naming them otherwise).
     """
     from mirlab.metrics.mir import compute_mir
 
-    data = _pairs(images, texts, pairs_file, eval_num, seed)
+    for folder, what in ((cache_dir, "cache_dir"), (out_dir, "out_dir")):
+        if folder is not None:
+            check_writable_folder(folder, what)
+    data = _pairs(images, texts, pairs_file, eval_num, seed, on_error)
     if isinstance(model, (tuple, list)):
         model, processor = model
     else:
@@ -112,7 +144,7 @@ def run_mir(model=EMBEDDED_MODEL, images=None, texts=None, *, pairs_file=None, e
     result = compute_mir(states, method=method, outliers=outliers, progress=progress)
     result.meta.update({
         "model": str(getattr(model, "name_or_path", "")), "base_llm": None if base_llm is None else str(base_llm),
-        "n_pairs": states.n_pairs, "skipped": states.skipped, "eval_num": eval_num, "seed": seed,
+        "n_pairs": states.n_pairs, "skipped": data.skipped + states.skipped, "eval_num": eval_num, "seed": seed,
         "text_span": text_span, "layers": states.layers, "batch_size": batch_size,
         "hidden_states": str(states.path) if cache_dir is not None else None,
     })
@@ -121,14 +153,22 @@ def run_mir(model=EMBEDDED_MODEL, images=None, texts=None, *, pairs_file=None, e
     return result
 
 
-def write_outputs(result, out_dir) -> dict[str, Path]:
-    """``mir.json``, ``per_layer.csv`` and ``per_layer.png`` of a MIRResult in ``out_dir`` (created)."""
-    from mirlab.plots import save_per_layer_figure
+def write_outputs(result, out_dir, value: str = "fd", name: str = "mir") -> dict[str, Path]:
+    """``<name>.json``, ``per_layer.csv`` and ``per_layer.png`` of a per-layer result in ``out_dir`` (created).
 
+    result: a MIRResult, any object with a ``per_layer`` DataFrame (and optionally ``to_json(path)``), or the
+    DataFrame itself; the table needs a ``layer`` column and the numeric ``value`` column the figure plots
+    (MIR: "fd"). The JSON is written only for a result object with ``to_json`` (not for a bare table).
+    """
+    from mirlab.plots import per_layer_table, save_per_layer_figure
+
+    table = per_layer_table(result, value, what="write_outputs")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "mir.json", "csv": out_dir / "per_layer.csv", "png": out_dir / "per_layer.png"}
-    result.to_json(str(paths["json"]))
-    result.per_layer.to_csv(paths["csv"], index=False)
-    save_per_layer_figure(result, paths["png"])
+    paths = {"csv": out_dir / "per_layer.csv", "png": out_dir / "per_layer.png"}
+    if result is not table and hasattr(result, "to_json"):
+        paths = {"json": out_dir / f"{name}.json", **paths}
+        result.to_json(str(paths["json"]))
+    table.to_csv(paths["csv"], index=False)
+    save_per_layer_figure(result, paths["png"], value=value)  # a MIRResult's FD figure is titled with its MIR
     return paths

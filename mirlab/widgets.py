@@ -2,17 +2,22 @@
 
     explorer = LayerExplorer(hidden_states)        # mirlab.HiddenStates (e.g. from a cache_dir)
     explorer                                       # in Jupyter: slider + modality toggles + figure
+    LayerExplorer(hidden_states, table=df, value="norm_ratio")   # any per-layer column in panel (c)
     explorer.slider.value = 12                     # or drive it from code; explorer.current_data()
 
 For the selected layer k with image rows V and text rows T (as `hidden_states.layer(k)` returns them):
 
-    s   = 1 / mean_j ||T_j||                       text-centric scale (as MIR applies it)
+    s   = 1 / mean_j ||T_j||                       text-centric scale, as MIR applies it (`prepare_layer`
+                                                   with outliers="none": rows upcast to float64, then scaled)
     (a) PCA: the rows of s V and s T (together) centred on their joint mean and projected on the two leading
         principal directions (eigenvectors of the centred scatter matrix); a component's sign is fixed so that
         its loading of largest magnitude is positive (deterministic pictures)
     (b) histograms of the normalized row norms s ||x|| per modality (text mean = 1, so the image histogram
         shows the norm gap directly)
-    (c) FD_k per layer from a MIRResult, computed once (pass `result=` to reuse one), layer k highlighted
+    (c) a per-layer value, layer k highlighted: by default FD_k of a MIRResult computed once (pass `result=`
+        to reuse one); or the `value` column of any per-layer `table` (a DataFrame with a `layer` column, or a
+        result holding one as `per_layer`), e.g. a probe beside MIR -- then no MIR is computed. Log scale as
+        in `mirlab.plots.wants_log_scale` (FD, or positive values spanning more than two decades).
 
 Nothing re-runs the model: a move reads one layer from the cache (each layer's picture is kept once
 computed). With more than `max_points` rows in a modality, a seeded subset of that many rows is drawn
@@ -29,7 +34,8 @@ import pandas as pd
 import torch
 
 from mirlab.metrics.mir import compute_mir
-from mirlab.metrics.normalize import row_norms, text_centric_scale
+from mirlab.metrics.normalize import prepare_layer, row_norms
+from mirlab.plots import per_layer_table, wants_log_scale
 
 MODALITIES = ("image", "text")
 PALETTE = {"image": "#d95f02", "text": "#1b9e77"}
@@ -58,19 +64,31 @@ class LayerExplorer:
     """Slider over the extracted layers, modality toggles, and a 3-panel figure of the selected layer."""
 
     def __init__(self, hidden_states, result=None, layer: int | None = None, max_points: int = 2000,
-                 seed: int = 0):
+                 seed: int = 0, table=None, value: str = "fd"):
         import ipywidgets as widgets
 
         self.hidden_states = hidden_states
         self.layers = [int(k) for k in hidden_states.layers]
         if not self.layers:
             raise ValueError("hidden_states holds no layers")
-        self.result = result if result is not None else compute_mir(hidden_states)
-        fd = self.result.per_layer.set_index("layer")["fd"]
-        missing = sorted(set(self.layers) - set(fd.index))
+        if table is not None and result is not None:
+            raise ValueError("give either result= (a MIRResult) or table= (any per-layer table), not both")
+        if table is None:  # MIR: the given result, else computed once over the cache
+            self.result = result if result is not None else compute_mir(hidden_states)
+            table, source = self.result, "MIR result"
+        else:
+            self.result, source = None, "table"
+        self.value = value
+        values = per_layer_table(table, value, what="LayerExplorer")
+        if "label" in values.columns and values["label"].nunique() > 1:
+            raise ValueError(f"LayerExplorer shows one run; the table has labels {sorted(values['label'].unique())}"
+                             f" (select one first)")
+        values = values.set_index("layer")[value]
+        missing = sorted(set(self.layers) - set(values.index))
         if missing:
-            raise ValueError(f"the MIR result has no FD for layers {missing} of the hidden states")
-        self.fd = fd.loc[self.layers]
+            raise ValueError(f"the {source} has no {'FD' if value == 'fd' else repr(value)} for layers {missing} "
+                             f"of the hidden states")
+        self.values = values.loc[self.layers]
         if max_points < 2:
             raise ValueError(f"max_points must be at least 2, got {max_points}")
         self.max_points, self.seed = int(max_points), seed
@@ -114,19 +132,20 @@ class LayerExplorer:
     def layer_data(self, layer: int) -> tuple[pd.DataFrame, dict]:
         """(points, info) of one layer: points has modality, row, pc1, pc2, norm; info the scale and PCA."""
         if layer not in self._cache:
-            image, text = self.hidden_states.layer(layer)
-            scale = text_centric_scale(text)
+            prepared = prepare_layer(*self.hidden_states.layer(layer), outliers="none", layer=layer)
+            image, text = (x.cpu().numpy() if isinstance(x, torch.Tensor) else x
+                           for x in (prepared.image, prepared.text))  # s V, s T in float64
+            scale = prepared.scale
             rng = np.random.default_rng([self.seed, layer])
             picks = {m: _subset(len(x), self.max_points, rng) for m, x in zip(MODALITIES, (image, text))}
-            rows = np.concatenate([image.double().numpy()[picks["image"]],
-                                   text.double().numpy()[picks["text"]]]) * scale
+            rows = np.concatenate([image[picks["image"]], text[picks["text"]]])
             projected, explained = pca_2d(rows)
             points = pd.DataFrame({
                 "modality": np.repeat(MODALITIES, [len(picks["image"]), len(picks["text"])]),
                 "row": np.concatenate([picks["image"], picks["text"]]),
                 "pc1": projected[:, 0], "pc2": projected[:, 1], "norm": row_norms(rows)})
             info = {"layer": layer, "scale": scale, "explained": explained,
-                    "norm_ratio": float(row_norms(image).mean() * scale)}
+                    "norm_ratio": float(row_norms(image).mean())}
             self._cache[layer] = (points, info)
         return self._cache[layer]
 
@@ -174,10 +193,16 @@ class LayerExplorer:
             norms.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
             norms.xaxis.set_minor_formatter(NullFormatter())
         colors = [HIGHLIGHT if k == self.layer else BAR_COLOR for k in self.layers]
-        fd.bar(self.layers, self.fd.to_numpy(), color=colors, width=0.8)
-        fd.set_yscale("log")
-        fd.set(title=f"FD per layer (MIR = {self.result.mir:.3f}); FD$_{{{self.layer}}}$ = "
-                     f"{self.fd.loc[self.layer]:.3g}", xlabel="decoder layer k", ylabel="FD$_k$")
+        fd.bar(self.layers, self.values.to_numpy(), color=colors, width=0.8)
+        if wants_log_scale(self.values, self.value):
+            fd.set_yscale("log")
+        current = self.values.loc[self.layer]
+        if self.value == "fd" and self.result is not None:
+            title, ylabel = (f"FD per layer (MIR = {self.result.mir:.3f}); FD$_{{{self.layer}}}$ = "
+                             f"{current:.3g}"), "FD$_k$"
+        else:
+            title, ylabel = f"{self.value} per layer; layer {self.layer}: {current:.3g}", self.value
+        fd.set(title=title, xlabel="decoder layer k", ylabel=ylabel)
         for ax in self.axes.values():
             ax.set_facecolor("white")
         buffer = io.BytesIO()
@@ -192,5 +217,6 @@ class LayerExplorer:
         return bundle
 
     def __repr__(self) -> str:
+        about = f"MIR {self.result.mir:.4f}" if self.result is not None else f"{self.value} per layer"
         return (f"LayerExplorer(layer {self.layer} of {self.layers[0]}..{self.layers[-1]}, "
-                f"showing {' + '.join(self.visible) or 'nothing'}, MIR {self.result.mir:.4f})")
+                f"showing {' + '.join(self.visible) or 'nothing'}, {about})")

@@ -241,6 +241,7 @@ def test_bad_methods_and_stats_raise():
         frechet_from_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(3))
 
 
+@pytest.mark.slow  # runs a benchmark script
 def test_benchmark_quick_runs(tmp_path):
     out = tmp_path / "bench.csv"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_frechet.py"), "--quick",

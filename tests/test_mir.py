@@ -156,3 +156,72 @@ def test_bad_arguments_raise():
     v, t = layer_rows(1)
     with pytest.raises(ValueError, match="layer 1, text rows: every row is zero"):
         compute_mir([(v, np.zeros_like(t))])
+
+
+# --- low-precision caches: rows are upcast before any arithmetic ------------------------------------------------
+
+LOW_PRECISION = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def low_precision_layers(dtype, n_layers=4, n_image=150, n_text=80, d=16, seed=5):
+    """(layer, image, text) in `dtype`, with planted outlier rows in both modalities (the 3-sigma rule fires)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for k in range(1, n_layers + 1):
+        spread = np.exp(rng.normal(0.0, 0.7, d))
+        image = rng.standard_normal((n_image, d)) * spread * (1 + 0.4 * k) + rng.normal(0.0, 3.0, d)
+        text = rng.standard_normal((n_text, d)) * spread + rng.normal(0.0, 3.0, d)
+        image[[0, 40]] *= 20.0
+        text[[7]] *= 15.0
+        items.append((k, torch.from_numpy(image).to(dtype), torch.from_numpy(text).to(dtype)))
+    return items
+
+
+def numpy_reference_fd(image, text):
+    """Independent float64 reference of one layer: scale, 3-sigma replacement by hand, FD via eigh.
+
+    s = 1 / mean ||t_j||; per modality, rows with | ||x_i|| - lower median | > 3 std (n - 1) become the
+    per-dimension lower median; tr((Sv St)^1/2) = sum sqrt(eig(Sv^1/2 St Sv^1/2)).
+    """
+    s = 1.0 / np.linalg.norm(text, axis=1).mean()
+    clean, counts = [], []
+    for x in (s * image, s * text):
+        r = np.linalg.norm(x, axis=1)
+        median = np.sort(r)[(len(r) - 1) // 2]
+        flagged = np.abs(r - median) > 3.0 * r.std(ddof=1)
+        x = x.copy()
+        x[flagged] = np.sort(x, axis=0)[(len(x) - 1) // 2]
+        clean.append(x)
+        counts.append(int(flagged.sum()))
+    v, t = clean
+    Sv, St = np.cov(v, rowvar=False), np.cov(t, rowvar=False)
+    w, U = np.linalg.eigh(Sv)
+    root = (U * np.sqrt(np.clip(w, 0, None))) @ U.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ St @ root), 0, None)).sum()
+    fd = np.sum((v.mean(0) - t.mean(0)) ** 2) + np.trace(Sv) + np.trace(St) - 2 * cross
+    return fd, s, counts
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_exact_mir_of_low_precision_rows_is_the_float64_mir_of_the_same_rows(dtype):
+    items = low_precision_layers(dtype)
+    result = compute_mir(items)
+    upcast = compute_mir((k, v.double(), t.double()) for k, v, t in items)
+    assert (result.per_layer["image_outliers"] > 0).all() and (result.per_layer["text_outliers"] > 0).all()
+    assert result.mir == pytest.approx(upcast.mir, rel=1e-12)
+    np.testing.assert_allclose(result.per_layer["fd"], upcast.per_layer["fd"], rtol=1e-12)
+    np.testing.assert_allclose(result.per_layer["scale"], upcast.per_layer["scale"], rtol=1e-12)
+    for column in ("layer", "n_image", "n_text", "image_outliers", "text_outliers"):
+        assert result.per_layer[column].tolist() == upcast.per_layer[column].tolist()
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_exact_mir_of_low_precision_rows_matches_a_numpy_float64_reference(dtype):
+    items = low_precision_layers(dtype, seed=6)
+    result = compute_mir(items)
+    reference = [numpy_reference_fd(v.double().numpy(), t.double().numpy()) for _, v, t in items]
+    np.testing.assert_allclose(result.per_layer["fd"], [fd for fd, _, _ in reference], rtol=1e-9)
+    np.testing.assert_allclose(result.per_layer["scale"], [s for _, s, _ in reference], rtol=1e-12)
+    assert result.per_layer["image_outliers"].tolist() == [c[0] for _, _, c in reference]
+    assert result.per_layer["text_outliers"].tolist() == [c[1] for _, _, c in reference]
+    assert result.mir == pytest.approx(math.log10(math.fsum(fd for fd, _, _ in reference)), rel=1e-12)

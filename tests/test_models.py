@@ -155,8 +155,11 @@ def test_load_model_rejects_an_unknown_dtype_name():
 
 
 def test_load_model_embedded_honours_dtype_and_device_map_and_refuses_other_options(monkeypatch):
-    llava = build("llava")
-    monkeypatch.setattr(mirlab.tiny.build, "embedded_model", lambda checkpoint="final": (llava.model, llava.processor))
+    import copy
+
+    llava = build("llava")  # shared by other tests: hand out a copy, since .to(dtype) converts in place
+    monkeypatch.setattr(mirlab.tiny.build, "embedded_model",
+                        lambda checkpoint="final": (copy.deepcopy(llava.model), llava.processor))
     model, _ = load_model("mirlab/tiny-llava@random", dtype="bfloat16", device_map={"": "cpu"})
     assert next(model.parameters()).dtype == torch.bfloat16 and next(model.parameters()).device.type == "cpu"
     with pytest.raises(TypeError, match=r"no from_pretrained options, got \['attn_implementation'\]"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mirlab import replace_outliers, text_centric_scale
-from mirlab.metrics.normalize import check_rows
+from mirlab.metrics.normalize import check_rows, prepare_layer
 
 
 def rows(n=200, d=16, seed=0):
@@ -122,3 +122,82 @@ def test_bad_arguments_raise():
         text_centric_scale(np.zeros((4, 3)))
     with pytest.raises(ValueError, match="layer 7, text rows: 1 row contains NaN/inf"):
         check_rows(np.array([[1.0, 2.0], [np.nan, 1.0]]), "layer 7, text rows")
+
+
+# --- prepare_layer: upcast, scale, 3-sigma rule for one layer -------------------------------------------------
+
+def layer_pair(seed=4):
+    """Image and text rows of one layer with planted outliers: 2 image rows, 1 text row."""
+    image, text = rows(120, 10, seed=seed) * 4.0 + 1.0, rows(70, 10, seed=seed + 1)
+    image[[5, 60]] *= 25.0
+    text[[3]] *= 20.0
+    return image, text
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_prepare_layer_upcasts_before_any_arithmetic(dtype):
+    image, text = (torch.from_numpy(x).to(dtype) for x in layer_pair())
+    prepared = prepare_layer(image, text, layer=3)
+    assert prepared.image.dtype == prepared.text.dtype == torch.float64
+    assert (prepared.image_outliers, prepared.text_outliers) == (2, 1)
+    exact = [x.double().numpy() for x in (image, text)]  # the stored values, upcast exactly
+    s = 1.0 / np.linalg.norm(exact[1], axis=1).mean()
+    assert prepared.scale == pytest.approx(s, rel=1e-14)
+    for got, x in zip((prepared.image, prepared.text), exact):
+        ref_clean, _ = torch_reference(s * x, 3.0)
+        np.testing.assert_array_equal(got.numpy(), ref_clean)
+    again = prepare_layer(image.double(), text.double())
+    assert again.scale == prepared.scale
+    assert torch.equal(again.image, prepared.image) and torch.equal(again.text, prepared.text)
+
+
+def test_prepare_layer_kinds_and_float32_option():
+    image, text = layer_pair()
+    prepared = prepare_layer(image.astype(np.float32), text.astype(np.float32))
+    assert isinstance(prepared.image, np.ndarray) and prepared.image.dtype == np.float64
+    single = prepare_layer(torch.from_numpy(image).half(), torch.from_numpy(text).half(), dtype=torch.float32)
+    assert single.image.dtype == single.text.dtype == torch.float32
+    assert (single.image_outliers, single.text_outliers) == (2, 1)
+
+
+def test_prepare_layer_is_scale_equivariant():
+    image, text = layer_pair(seed=8)
+    base = prepare_layer(image, text)
+    for c in (1e-4, 3.7, 2e3):
+        scaled = prepare_layer(c * image, c * text)
+        assert scaled.scale == pytest.approx(base.scale / c, rel=1e-13)
+        assert (scaled.image_outliers, scaled.text_outliers) == (base.image_outliers, base.text_outliers)
+        np.testing.assert_allclose(scaled.image, base.image, rtol=1e-12)
+        np.testing.assert_allclose(scaled.text, base.text, rtol=1e-12)
+
+
+def test_prepare_layer_drop_removes_rows_and_none_keeps_them():
+    image, text = layer_pair()
+    s = 1.0 / np.linalg.norm(text, axis=1).mean()
+    dropped = prepare_layer(image, text, outliers="drop")
+    assert dropped.image.shape == (118, 10) and dropped.text.shape == (69, 10)
+    assert (dropped.image_outliers, dropped.text_outliers) == (2, 1)
+    np.testing.assert_array_equal(dropped.image, (s * image)[np.setdiff1d(np.arange(120), [5, 60])])
+    np.testing.assert_array_equal(dropped.text, np.delete(s * text, 3, axis=0))
+    kept = prepare_layer(image, text, outliers="none")
+    assert (kept.image_outliers, kept.text_outliers) == (0, 0)
+    np.testing.assert_array_equal(kept.image, s * image)
+    np.testing.assert_array_equal(kept.text, s * text)
+
+
+def test_prepare_layer_errors_name_the_layer_and_modality():
+    image, text = layer_pair()
+    bad = image.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="layer 5, image rows: 1 row contains NaN/inf"):
+        prepare_layer(bad, text, layer=5)
+    with pytest.raises(ValueError, match="layer 5, text rows: need at least 2 rows"):
+        prepare_layer(image, text[:1], layer=5)
+    with pytest.raises(ValueError, match="layer 5: image rows have width 9 but text rows have width 10"):
+        prepare_layer(image[:, :9], text, layer=5)
+    with pytest.raises(ValueError, match="layer 5, text rows: every row is zero"):
+        prepare_layer(image, np.zeros_like(text), layer=5)
+    with pytest.raises(ValueError, match=r"outliers must be one of \('replace', 'drop', 'none'\), got 'clip'"):
+        prepare_layer(image, text, outliers="clip")
+    with pytest.raises(ValueError, match="dtype must be torch.float64 or torch.float32, got torch.float16"):
+        prepare_layer(image, text, dtype=torch.float16)

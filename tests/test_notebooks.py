@@ -1,6 +1,6 @@
 """Notebooks as programs: papermill runs them with injected parameters and we check what they record.
 
-(nbval separately re-executes every committed notebook and compares its outputs; see pyproject.toml.)
+(nbval separately re-executes every committed notebook and compares its outputs; see tests/conftest.py.)
 """
 import json
 from pathlib import Path
@@ -35,6 +35,7 @@ def test_committed_with_outputs_and_without_volatile_metadata(path):
         assert not any(o.get("output_type") == "error" for o in c.outputs)
 
 
+@pytest.mark.slow  # papermill runs a notebook
 def test_frechet_notebook_with_injected_parameters(tmp_path):
     import mirlab
 
@@ -51,6 +52,7 @@ def test_frechet_notebook_with_injected_parameters(tmp_path):
     assert saved["fast_rel_error_last_layer"] > saved["fast_rel_error_first_layer"] > 0
 
 
+@pytest.mark.slow  # papermill runs a notebook
 def test_sweep_collects_one_tidy_row_per_grid_point(tmp_path):
     import mirlab
 
@@ -61,6 +63,7 @@ def test_sweep_collects_one_tidy_row_per_grid_point(tmp_path):
     assert table["fd_mirlab"].nunique() == 2  # a different seed draws different clouds
 
 
+@pytest.mark.slow  # papermill runs a notebook
 def test_sweep_command_line(tmp_path, capsys):
     from mirlab.cli import main
     import mirlab
@@ -85,6 +88,7 @@ def test_grid_and_parameter_values_are_typed():
         _grid(["seed"])
 
 
+@pytest.mark.slow  # papermill runs a notebook
 def test_mir_notebook_records_what_compute_mir_gives_on_the_same_cached_states(tmp_path, embedded_cache):
     import numpy as np
 
@@ -107,6 +111,7 @@ def test_mir_notebook_records_what_compute_mir_gives_on_the_same_cached_states(t
     assert record["mir_low"] <= record["mir_high"] and record["mir_basic_low"] <= record["mir_basic_high"]
 
 
+@pytest.mark.slow  # papermill runs a notebook
 def test_layer_explorer_notebook_with_injected_layers(tmp_path, embedded_cache):
     import mirlab
 
@@ -117,6 +122,7 @@ def test_layer_explorer_notebook_with_injected_layers(tmp_path, embedded_cache):
     assert all(v > 0 for v in record["fd_at_shown_layers"] + record["norm_ratio_at_shown_layers"])
 
 
+@pytest.mark.slow  # papermill runs a notebook
 def test_course_writes_executed_notebooks_figures_and_a_results_table(tmp_path):
     import base64
     import shutil

@@ -56,3 +56,14 @@ def test_ci_runs_the_readme_test_command():
 def test_console_script_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["mirlab"] == "mirlab.cli:main"
+
+
+def test_quick_target_runs_the_fast_tests_without_nbval():
+    makefile = (ROOT / "Makefile").read_text()
+    quick = re.search(r"^quick:.*\n\t(.+)$", makefile, flags=re.M)
+    assert quick, "Makefile has no `quick` target"
+    assert '-m "not slow and not browser"' in quick.group(1) and "-p no:nbval" in quick.group(1)
+    assert "make quick" in (ROOT / "README.md").read_text()
+    # nbval's options live in tests/conftest.py, not addopts: with them in addopts, `-p no:nbval` would fail
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "nbval" not in addopts

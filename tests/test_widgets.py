@@ -1,6 +1,7 @@
 """LayerExplorer driven from code: the slider and toggles change the data and the figure to the right layer."""
 import matplotlib.colors
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -174,3 +175,54 @@ def test_on_cached_hidden_states_of_a_tiny_llava(tmp_path):
     norms, _ = independent_view(image, text)
     np.testing.assert_allclose(explorer.current_data()["norm"], norms, rtol=1e-10)
     assert explorer.slider.options == (0, 1, 2)
+
+
+def norm_ratio_table(states):
+    """A per-layer metric other than MIR: mean image-row norm / mean text-row norm, rows in shuffled order."""
+    ratios = {k: np.linalg.norm(v.double().numpy(), axis=1).mean() / np.linalg.norm(t.double().numpy(), axis=1).mean()
+              for k, (v, t) in states.rows.items()}
+    return pd.DataFrame({"layer": list(ratios), "norm_ratio": list(ratios.values())}).sample(frac=1, random_state=0)
+
+
+def test_any_per_layer_table_drives_the_third_panel_without_computing_mir():
+    states = LayerStates()
+    table = norm_ratio_table(states)
+    explorer = LayerExplorer(states, table=table, value="norm_ratio", layer=4)
+    assert states.reads == [4]  # no MIR over the whole cache: only the shown layer is read
+    panel = explorer.axes["fd"]
+    expected = table.set_index("layer")["norm_ratio"].loc[[1, 2, 3, 4, 5]]
+    np.testing.assert_array_equal([p.get_height() for p in panel.patches], expected)
+    highlighted = [p for p in panel.patches if matplotlib.colors.same_color(p.get_facecolor(), HIGHLIGHT)]
+    assert len(highlighted) == 1 and highlighted[0].get_x() + highlighted[0].get_width() / 2 == pytest.approx(4)
+    assert panel.get_title() == f"norm_ratio per layer; layer 4: {expected.loc[4]:.3g}"
+    assert panel.get_ylabel() == "norm_ratio" and panel.get_yscale() == "linear"  # span < 2 decades
+    # the norms panel's own ratio (scaled image norms / text mean = 1) is the same quantity for layer 4
+    assert explorer.layer_data(4)[1]["norm_ratio"] == pytest.approx(expected.loc[4], rel=1e-12)
+    explorer.slider.value = 2
+    assert panel.get_title().startswith("norm_ratio per layer; layer 2:")
+    assert repr(explorer).endswith("showing image + text, norm_ratio per layer)")
+
+
+def test_other_columns_of_a_mir_result_and_log_scale_for_wide_spans():
+    states = LayerStates()
+    result = compute_mir(iter(LayerStates()))
+    explorer = LayerExplorer(states, result=result, value="scale")
+    np.testing.assert_array_equal([p.get_height() for p in explorer.axes["fd"].patches], result.per_layer["scale"])
+    assert explorer.result is result and "MIR" in repr(explorer)
+    wide = pd.DataFrame({"layer": [1, 2, 3, 4, 5], "gap": [1e-3, 1e-2, 0.1, 1.0, 10.0]})
+    assert LayerExplorer(states, table=wide, value="gap").axes["fd"].get_yscale() == "log"
+
+
+def test_bad_tables_are_named():
+    states = LayerStates()
+    table = norm_ratio_table(states)
+    with pytest.raises(ValueError, match=r"the table has no 'norm_ratio' for layers \[4, 5\]"):
+        LayerExplorer(states, table=table[table["layer"] < 4], value="norm_ratio")
+    with pytest.raises(ValueError, match=r"LayerExplorer: the table has no column 'cka' \(columns"):
+        LayerExplorer(states, table=table, value="cka")
+    with pytest.raises(ValueError, match="either result= .* or table="):
+        LayerExplorer(states, result=compute_mir(iter(states)), table=table, value="norm_ratio")
+    runs = pd.concat([table.assign(label="a"), table.assign(label="b")])
+    with pytest.raises(ValueError, match=r"shows one run; the table has labels \['a', 'b'\]"):
+        LayerExplorer(states, table=runs, value="norm_ratio")
+    LayerExplorer(states, table=runs[runs["label"] == "b"], value="norm_ratio")  # one run is fine

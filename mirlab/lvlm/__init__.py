@@ -2,11 +2,14 @@
 
     models    load_pretrained (Hub id or folder), image_token_id, num_layers, render_prompt, fingerprints
     extract   select_rows, extract_hidden_states -> HiddenStates (the on-disk, per-layer row store)
+    moca      MoCa (Eq. 5: learned scale/shift of the image rows per layer), attach_moca -> removable handle
 
 Imports mirlab.pairs (to read images) and nothing of mirlab.metrics, mirlab.tiny or the front.
 """
 from mirlab.lvlm.extract import HiddenStates, PairError, extract_hidden_states, select_rows
+from mirlab.lvlm.moca import MoCa, MoCaHandle
+from mirlab.lvlm.moca import attach as attach_moca
 from mirlab.lvlm.models import image_token_id, load_pretrained, model_fingerprint, num_layers, render_prompt
 
-__all__ = ["HiddenStates", "PairError", "extract_hidden_states", "image_token_id", "load_pretrained",
-           "model_fingerprint", "num_layers", "render_prompt", "select_rows"]
+__all__ = ["HiddenStates", "MoCa", "MoCaHandle", "PairError", "attach_moca", "extract_hidden_states",
+           "image_token_id", "load_pretrained", "model_fingerprint", "num_layers", "render_prompt", "select_rows"]

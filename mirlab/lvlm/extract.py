@@ -64,6 +64,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mirlab.errors import UserError
 from mirlab.pairs.readers import load_image
 from mirlab.lvlm.models import (image_token_id, model_fingerprint, num_layers, processor_fingerprint, render_prompt,
                            text_token_ids, truncate_text)
@@ -75,7 +76,7 @@ ON_ERROR = ("raise", "skip")
 MODALITIES = ("image", "text")
 
 
-class PairError(ValueError):
+class PairError(UserError):
     """A pair that cannot be used (unreadable image, empty text, no rows ...); the message names it."""
 
 
@@ -109,6 +110,18 @@ def _find_last(sequence: list[int], pattern: list[int]) -> int:
     return -1
 
 
+def image_row_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_id: int) -> torch.Tensor:
+    """Boolean (B, T): the image rows, ``input_ids == image_id`` on non-pad positions (attention_mask 1;
+    None = no padding). The one definition of image rows: extraction and MoCa (mirlab.lvlm.moca) use it."""
+    image = input_ids == image_id
+    if attention_mask is None:
+        return image
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                         f"{tuple(input_ids.shape)}")
+    return image & attention_mask.bool()
+
+
 def select_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_id: int, text_span: str = "after_image",
                 text_ids: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
     """Boolean (B, T) masks of the image rows and text rows of a padded batch, and a problem per sample.
@@ -120,7 +133,7 @@ def select_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_id:
     if text_span not in TEXT_SPANS:
         raise ValueError(f"text_span must be one of {TEXT_SPANS}, got {text_span!r}")
     valid = attention_mask.bool()
-    image = (input_ids == image_id) & valid
+    image = image_row_mask(input_ids, attention_mask, image_id)
     text = torch.zeros_like(image)
     problems: list[str | None] = []
     for b in range(input_ids.shape[0]):
@@ -264,8 +277,12 @@ def _image_digest(image) -> str:
     return digest.hexdigest()
 
 
-def _prepare_text(processor, text, max_text_tokens):
-    """The prompt of one text, or PairError if the text is unusable."""
+def _prepare_text(processor, text, max_text_tokens, max_positions=None):
+    """(prompt, whether max_text_tokens cut the text) of one text, or PairError if the text is unusable.
+
+    A prompt whose tokens alone (the image placeholder counted once) exceed ``max_positions`` can never fit
+    the model: PairError before any forward pass.
+    """
     if not isinstance(text, str):
         raise PairError(f"text must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -273,14 +290,21 @@ def _prepare_text(processor, text, max_text_tokens):
     image_token = getattr(processor, "image_token", None)
     if isinstance(image_token, str) and image_token in text:
         raise PairError(f"text contains the image placeholder {image_token!r}")
+    cut = False
     if max_text_tokens is not None:
-        text = truncate_text(processor.tokenizer, text, max_text_tokens)
+        whole, text = text, truncate_text(processor.tokenizer, text, max_text_tokens)
         if not text.strip():
             raise PairError(f"text truncates to nothing at max_text_tokens={max_text_tokens}")
+        cut = text != whole
     prompt = render_prompt(processor, text)
     if not text_token_ids(processor.tokenizer, prompt):
         raise PairError("text has no tokens")
-    return prompt
+    if max_positions:
+        n_tokens = len(processor.tokenizer(prompt.context, add_special_tokens=False)["input_ids"])
+        if n_tokens > max_positions:
+            raise PairError(f"its prompt has {n_tokens} tokens before the image is added: they exceed the "
+                            f"model's {max_positions} positions (set max_text_tokens to cut texts)")
+    return prompt, cut
 
 
 def _check_options(batch_size, text_span, store_dtype, on_error, max_text_tokens):
@@ -417,8 +441,9 @@ def extract_hidden_states(model, processor, images, texts, *, batch_size: int = 
 
     images: paths, PIL images or uint8 arrays (any mode: converted to RGB); texts: strings (same length).
     batch_size: pairs per forward pass. layers / include_embeddings / text_span: which rows (module docstring).
-    max_text_tokens: cut each text to this many tokens first (None: keep whole; an over-long sequence for the
-        model's position table is then an error for that pair).
+    max_text_tokens: cut each text to this many tokens first, with one warning naming the texts cut (None: keep
+        texts whole; a pair longer than the model's position table is then an unusable pair: PairError before
+        any forward pass when its text alone is too long, else before its batch's forward pass).
     store_dtype: "float32" (default, what MIR needs) or "float16" (half the disk; rows are read back as
         float32). cache_dir: keep and reuse the store (see module docstring); None = temporary.
     on_error: "raise" (default: first unusable pair -> PairError naming it) or "skip" (leave it out, warn with
@@ -437,12 +462,17 @@ def extract_hidden_states(model, processor, images, texts, *, batch_size: int = 
     image_id = image_token_id(model, processor)
     n_layers = num_layers(model)
     chosen = select_layers(n_layers, layers, include_embeddings)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    max_positions = getattr(text_config, "max_position_embeddings", None)
 
     # validate every pair up front (texts rendered, images decoded) so bad inputs fail before any forward pass
-    prompts, digests = [], []
+    prompts, digests, cut = [], [], []
     for pair, (image, text) in enumerate(zip(images, texts)):
         try:
-            prompts.append(_prepare_text(processor, text, max_text_tokens))
+            prompt, was_cut = _prepare_text(processor, text, max_text_tokens, max_positions)
+            prompts.append(prompt)
+            if was_cut:
+                cut.append(names[pair])
         except PairError as err:
             problems(pair, str(err), [])
             prompts.append(err)
@@ -451,8 +481,10 @@ def extract_hidden_states(model, processor, images, texts, *, batch_size: int = 
         except ValueError as err:
             problems(pair, str(err), [])
         digests.append(_image_digest(image) + hashlib.sha256(str(text).encode()).hexdigest())
+    if cut:
+        warnings.warn(f"max_text_tokens={max_text_tokens} cut {len(cut)} of {len(texts)} texts: "
+                      + ", ".join(cut[:5]) + (" ..." if len(cut) > 5 else ""), stacklevel=2)
 
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     options = {"format": FORMAT, "batch_size": batch_size, "layers": chosen, "n_layers": n_layers,
                "text_span": text_span, "max_text_tokens": max_text_tokens, "store_dtype": store_dtype}
     meta = {**options, "model": model_fingerprint(model), "model_name": str(getattr(model, "name_or_path", "")),
@@ -472,7 +504,6 @@ def extract_hidden_states(model, processor, images, texts, *, batch_size: int = 
         from tqdm.auto import tqdm
         bar = tqdm(total=len(batches), initial=len(done), desc="hidden states", unit="batch",
                    disable=not progress)
-        max_positions = getattr(text_config, "max_position_embeddings", None)
         for b, pairs in enumerate(batches):
             if b in done:
                 continue

@@ -6,8 +6,9 @@
     render_prompt(processor, text)  -> how one (image, text) pair is written for this model
     model_fingerprint(model)        -> a hash of the model's identity (config + sampled weights)
 
-Prompt (DESIGN.md §1: the official script used the vicuna template, image in the user turn, text as the
-assistant's answer). If the processor has a chat template we render
+Prompt (the official script used the vicuna template, image in the user turn, text as the assistant's answer).
+Where mirlab differs from it (docs/paper-differences.md, 'The prompt and the text rows'): we use the model's
+own chat template, not the official vicuna_v1 system prompt. If the processor has a chat template we render
 
     [{"role": "user", "content": [{"type": "image"}]},
      {"role": "assistant", "content": [{"type": "text", "text": text}]}]
@@ -72,11 +73,16 @@ def finish_loading(model, processor, base_llm: str | None = None):
 
 
 def language_model(model) -> torch.nn.Module:
-    """The decoder stack of a composite LVLM (``model.model.language_model`` in transformers 5)."""
+    """The decoder stack of a composite LVLM: ``model.model.language_model`` in transformers 5, else what
+    ``model.get_decoder()`` names (Idefics3 / SmolVLM: ``model.model.text_model``)."""
     inner = getattr(model, "model", model)
     decoder = getattr(inner, "language_model", None)
+    if decoder is None and hasattr(model, "get_decoder"):
+        found = model.get_decoder()
+        decoder = found if found is not model and found is not inner else None
     if decoder is None:
-        raise ValueError(f"{type(model).__name__} has no `.model.language_model`: cannot find its LLM")
+        raise ValueError(f"{type(model).__name__} has no `.model.language_model` and `get_decoder()` names "
+                         "none: cannot find its LLM")
     return decoder
 
 

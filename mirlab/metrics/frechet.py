@@ -32,6 +32,9 @@ Methods:
                       the result is tr(S_x S_y) plus noise that grows with the layer's conditioning.
                       After text-centric scaling the eigenvalues of A are small (l < sqrt(l)), so the FD
                       comes out too high. Kept only to compare with published numbers.
+                      On a CPU it reproduces the official arithmetic (float32, 5 steps), not a GPU's
+                      rounding, which the defect amplifies (docs/paper-differences.md,
+                      "`official-fast` on a CPU is not a GPU"; the defect: docs/mir.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Modality Integration Rate: per-layer Fréchet distances of normalized token clouds, summed, log10.
 
-For every decoder layer k with image rows V_k and text rows T_k (DESIGN.md §1):
+For every decoder layer k with image rows V_k and text rows T_k (docs/mir.md):
 
     s_k   = 1 / mean_j ||T_k,j||_2                       (text-centric scale)
     V', T' = outlier-handled (s_k V_k), (s_k T_k)        (3-sigma on row norms, per modality)
@@ -105,6 +105,7 @@ def layer_fd(image, text, method: str = "exact", outliers: str = "replace", n_si
 
     The rows are upcast before any arithmetic: float64 for method="exact" (so MIR does not depend on the dtype
     the hidden states were stored in), float32 for the official methods (the official script's arithmetic).
+    The official script stays in float32 throughout (docs/paper-differences.md, 'Float64 before any arithmetic').
     Returns a per_layer row: layer, fd, scale, n_image, n_text, image_outliers, text_outliers.
     """
     if method not in METHODS:

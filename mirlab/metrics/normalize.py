@@ -6,7 +6,7 @@ For one decoder layer with image-token rows V (n_v x d) and text-token rows T (n
     replace_outliers(X)   : r_i = ||X_i||_2 ; rows with |r_i - median(r)| > 3 * std(r) are replaced
                             by the per-dimension median vector of X (one modality at a time)
 
-Official semantics (DESIGN.md §1): `std` is the unbiased one (n - 1) and `median` is torch's, i.e. the
+Official semantics (docs/mir.md, 'The 3σ rule'): `std` is the unbiased one (n - 1) and `median` is torch's, i.e. the
 *lower* of the two middle values when the count is even; this holds both for the median norm and for the
 per-dimension median vector, which is taken over all rows of the matrix (outliers included).
 
@@ -18,9 +18,10 @@ text rows (so float16/bfloat16/float32 caches all get float64 arithmetic), appli
 the 3-sigma rule, and returns the rows a metric consumes. MIR's `layer_fd` is prepare_layer + Fréchet
 distance; a new metric can start from the same prepared rows (docs/architecture.md, "Adding a metric").
 
-Where mirlab and the paper differ (docs/paper-differences.md): the paper's Eq. 3 *removes* the 3-sigma
-outliers, while the official code *replaces* them by the per-dimension median. mirlab follows the code
-(``outliers="replace"``, the default) and offers the paper's reading as ``outliers="drop"``.
+Where mirlab and the paper differ (docs/paper-differences.md, 'Outliers: replaced or removed'): the paper's
+Eq. 3 *removes* the 3-sigma outliers, while the official code *replaces* them by the per-dimension median.
+mirlab follows the code (``outliers="replace"``, the default) and offers the paper's reading as
+``outliers="drop"``.
 """
 from __future__ import annotations
 

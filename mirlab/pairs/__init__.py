@@ -4,7 +4,7 @@
     samples   sample_photos, prose_passages, sample_pairs (bundled, offline)
     scenes    make_scene, SceneDataset, scene_dataset, caption_mentions, distractor_captions
 
-A leaf wing: imports nothing else of mirlab except mirlab.paths.
+A leaf wing: imports nothing else of mirlab except mirlab.paths and mirlab.errors.
 """
 from mirlab.pairs.readers import Pairs, folder_pairs, jsonl_pairs, load_image, read_story, read_text
 from mirlab.pairs.samples import photo_records, prose_passages, sample_pairs, sample_photos

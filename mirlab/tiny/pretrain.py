@@ -30,7 +30,7 @@ Two kinds of checkpoints:
 - trajectory: fp16 projector safetensors at chosen steps (step 0 = the random init), shipped in
   `data/projector/<recipe>/step-XXXX.safetensors`, plus `log.csv` (step, loss, lr, seconds) next to them;
 - resumable state every `checkpoint_every` steps in a scratch folder outside git
-  (`<cache root>/train/<recipe>/state.pt`: fp32 projector, optimizer, step, RNG, recipe). `train` resumes from it,
+  (`<cache root>/train/<recipe>/state.pt`: fp32 trainable state, optimizer, step, RNG, recipe). `train` resumes from it,
   and an interrupted run continues exactly as if it had not stopped.
 """
 from __future__ import annotations
@@ -49,10 +49,12 @@ import torch
 from PIL import Image
 
 from mirlab import paths
+from mirlab.tiny.trainable import assign_state, freeze_all_but, named_state
 
 IGNORE = -100  # label of a position that is not a target
 STATE_FILE = "state.pt"
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
+TRAINED = ("projector",)  # the trainable-state names this stage trains (mirlab.tiny.trainable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,14 +195,11 @@ def caption_loss(model, features, input_ids, attention_mask, labels) -> torch.Te
 
 
 def freeze_all_but_projector(model):
-    """requires_grad only on the projector; eval mode (no dropout anywhere). Returns the projector's parameters."""
+    """requires_grad only on the projector (`trainable.freeze_all_but(model, TRAINED)`); eval mode (no dropout
+    anywhere). Returns the trainable parameters."""
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(model.model.multi_modal_projector.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    freeze_all_but(model, TRAINED)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -252,7 +251,7 @@ def scene_features(model, processor, n: int, seed: int = 0, split: str = "train"
 
 def _save_state(path: Path, model, optimizer, step: int, recipe: Recipe):
     state = {"step": step, "recipe": dataclasses.asdict(recipe),
-             "projector": {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()},
+             "trainable": {k: v.clone() for k, v in named_state(model, TRAINED).items()},
              "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path.with_suffix(".tmp"))
@@ -265,7 +264,10 @@ def _load_state(path: Path, model, optimizer, recipe: Recipe) -> int:
     if saved != dataclasses.asdict(recipe):
         raise ValueError(f"{path} holds a run of a different recipe:\n  saved {saved}\n  asked {recipe}\n"
                          f"delete {path.parent} to start over, or use another recipe name")
-    model.model.multi_modal_projector.load_state_dict(state["projector"])
+    if "trainable" in state:
+        assign_state(model, state["trainable"], TRAINED, source=str(path))
+    else:  # a state written before trainable.py: the projector's own tensor names
+        assign_state(model, {f"projector.{k}": v for k, v in state["projector"].items()}, TRAINED, str(path))
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"]
