@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup test quick lint-imports course bench browser-test
+.PHONY: setup test quick lint-imports course bench browser-test notebooks
 setup:
 	bash scripts/setup.sh
 
@@ -40,3 +40,12 @@ browser-test: setup
 	bash scripts/browser_setup.sh
 	MIRLAB_BROWSER_TESTS=1 MIRLAB_BROWSER_SCREENSHOTS="$${MIRLAB_BROWSER_SCREENSHOTS:-$(OUT)/browser}" \
 		$(PY) -m pytest -q -m browser tests/test_browser.py
+
+# Re-execute the committed notebooks in place (their outputs are what nbval compares against in `make test`).
+# Run after a change that alters what a notebook prints or draws; commit the result.
+notebooks: setup
+	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
+		echo "executing $$nb"; \
+		$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.record_timing=False \
+			--ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+	done

@@ -8,8 +8,8 @@ import pytest
 from scipy import ndimage
 
 from mirlab.pairs import scenes
-from mirlab.pairs.scenes import (COLOURS, POSITIONS, SHAPES, caption_mentions, describe, distractor_captions,
-                           make_scene, scene_dataset, split_of)
+from mirlab.pairs.scenes import (COLOURS, POSITIONS, SHAPES, caption_mentions, describe, describe_short,
+                           distractor_captions, make_scene, scene_dataset, split_of)
 
 N_CHECK = 60  # scenes whose pixels are checked against their metadata
 
@@ -142,6 +142,28 @@ def test_describe_templates():
     assert describe(two, "plain") == "Two small red circles at the top and a large blue square at the bottom."
     assert describe(two, "there").startswith("There are two small red circles")
     assert describe(two, "relation") == "Two small red circles above a large blue square."
+
+
+def test_short_captions_state_colours_and_shapes_and_nothing_else():
+    one = [{"shape": "star", "colour": "orange", "size": "large", "count": 1, "position": "left"}]
+    assert describe_short(one) == "An orange star."
+    two = [{"shape": "triangle", "colour": "red", "size": "small", "count": 1, "position": "top"},
+           {"shape": "circle", "colour": "blue", "size": "large", "count": 3, "position": "bottom"}]
+    assert describe_short(two) == "A red triangle and blue circles."
+    absent = set(scenes.COUNT_WORDS.values()) - {"a"} | set(scenes.SIZES) | {"left", "right", "top", "bottom",
+                                                                          "middle", "center", "on", "at", "in"}
+    for item in scene_dataset(200, seed=0, split="train"):
+        meta = item["metadata"]
+        short = describe_short(meta["groups"])
+        assert short == describe_short([dict(g) for g in meta["groups"]])  # a function of the structure
+        score = caption_mentions(short, meta)  # true for the scene: every shape and colour, bound, nothing else
+        assert score["all_correct"] and score["pair_recall"] == 1.0, short
+        words = re.findall(r"[a-z]+", short.lower())
+        assert not set(words) & absent, short  # no count, size or position
+        assert short[0].isupper() and short.endswith(".") and "  " not in short
+        for g in meta["groups"]:
+            noun = g["shape"] + ("s" if g["count"] > 1 else "")
+            assert f"{g['colour']} {noun}" in short.lower(), short
 
 
 def test_every_attribute_value_occurs():

@@ -47,8 +47,10 @@ def test_modules_are_found_through_the_registry(model, with_head):
 
 
 def test_unknown_or_absent_parts_are_named(model):
-    with pytest.raises(ValueError, match=r"unknown state names \['moca'\]; known: \[.*'projector'.*\]"):
-        trainable_modules(model, ["projector", "moca"])
+    with pytest.raises(ValueError, match=r"unknown state names \['lora'\]; known: \[.*'moca', 'projector'.*\]"):
+        trainable_modules(model, ["projector", "lora"])
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration has no 'moca' part"):
+        trainable_modules(model, ["projector", "moca"])  # registered, but only there while MoCa is attached
     with pytest.raises(ValueError, match="repeat"):
         trainable_modules(model, ["projector", "projector"])
     with pytest.raises(ValueError, match="no state names"):
@@ -98,6 +100,38 @@ def test_default_float16_file_is_cast_back_to_the_model_dtype(model, tmp_path):
     assert load_state(model, path, names=["projector"]) == {}
     for k, v in model.model.multi_modal_projector.state_dict().items():
         assert v.dtype == torch.float32 and torch.equal(v, before[k].half().float()), k
+
+
+def test_moca_is_a_part_and_keeps_float32_in_a_file_with_a_float16_projector(model, tmp_path):
+    from mirlab.lvlm.moca import attach
+
+    handle = attach(model)
+    assert trainable_modules(model, ["moca"])["moca"] is model.moca
+    with torch.no_grad():
+        model.moca.scale.add_(torch.linspace(1e-4, 3e-4, model.moca.scale.numel()).view_as(model.moca.scale))
+    scale, projector = model.moca.scale.detach().clone(), projector_state(model)
+    path = save_state(model, ["projector", "moca"], tmp_path / "m.safetensors", {},
+                      dtype={"projector": torch.float16, "moca": torch.float32})
+    assert {k: v.dtype for k, v in load_file(str(path)).items()} == {
+        **{f"projector.{k}": torch.float16 for k in projector}, "moca.scale": torch.float32,
+        "moca.shift": torch.float32}
+    assert not torch.equal(scale.half().float(), scale)  # what float16 would have lost
+    scramble(model, ["projector", "moca"])
+    load_state(model, path, names=["moca", "projector"])
+    assert torch.equal(model.moca.scale, scale) and torch.equal(model.moca.shift, torch.zeros_like(scale))
+    assert torch.equal(model.model.multi_modal_projector.linear_1.weight, projector["linear_1.weight"].half().float())
+    # dtype=None keeps every dtype; a name left out of the dict keeps its own
+    kept = save_state(model, ["projector", "moca"], tmp_path / "k.safetensors", {}, dtype=None)
+    assert {t.dtype for t in load_file(str(kept)).values()} == {torch.float32}
+    mixed = save_state(model, ["projector", "moca"], tmp_path / "x.safetensors", {},
+                       dtype={"projector": torch.bfloat16})
+    assert load_file(str(mixed))["moca.shift"].dtype == torch.float32
+    assert load_file(str(mixed))["projector.linear_2.bias"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype names parts that are not saved: \['moca'\]"):
+        save_state(model, ["projector"], tmp_path / "y.safetensors", {}, dtype={"moca": torch.float32})
+    with pytest.raises(ValueError, match="floating torch dtype or None, got torch.int8 for 'moca'"):
+        save_state(model, ["moca"], tmp_path / "y.safetensors", {}, dtype={"moca": torch.int8})
+    handle.remove()
 
 
 def test_several_parts_in_one_file(model, with_head, tmp_path):

@@ -8,6 +8,7 @@ halves (left/right or top/bottom). At most 4 objects per scene; objects never ov
     caption                  -> 'Two small red circles on the left and a large blue square on the right.'
     meta["objects"]          -> [{'shape': 'circle', 'colour': 'red', 'size': 'small', 'position': 'left',
                                   'center': [x, y], 'radius': r, 'rgb': [...]}, ...]
+    describe_short(meta["groups"]) -> 'Red circles and a blue square.'   (colours and shapes only)
 
 Held-out splits are disjoint *by content*, not only by pixels: every scene has a structural key (its groups
 without jitter); a hash of the key assigns it to train (80 %), val (10 %) or test (10 %), and a scene is
@@ -152,6 +153,23 @@ def describe(groups, template="plain", background="grey"):
         "relation": f"{np_a} {RELATION_PHRASES[a['position']]} {np_b}",
     }[template]
     return _capitalize(text) + "."
+
+
+def describe_short(groups):
+    """The short caption of a scene structure: colour and shape of each group, nothing else.
+
+    No count word, no size, no position: 'A red triangle and blue circles.' A group of one object reads
+    'a/an <colour> <shape>', a group of several '<colour> <shape>s' (the plural is the only trace of the count).
+    Groups in the order of `groups`. Deterministic: a function of the structure only.
+    """
+    phrases = []
+    for g in groups:
+        words = f"{g['colour']} {g['shape']}"
+        if g["count"] == 1:
+            phrases.append(("an " if words[0] in "aeiou" else "a ") + words)
+        else:
+            phrases.append(words + "s")
+    return _capitalize(" and ".join(phrases)) + "."
 
 
 # ----------------------------------------------------------------------------------------------------------

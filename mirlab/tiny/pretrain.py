@@ -11,12 +11,22 @@ tokens and the closing `<|im_end|>` (so the model learns to stop); the final new
 
     loss = - (1 / #targets) * sum_{b, t target} log p(x_{b,t} | x_{b,<t}, image_b)
 
-Only `multi_modal_projector` (2-layer GELU MLP, 384 -> 576 -> 576) receives gradients.
+Only `multi_modal_projector` receives gradients, and MoCa's scales and shifts when the recipe has MoCa. The
+recipe's axes beyond the optimisation (paper Tables 1, 4, 5):
+
+    connector  "mlp" (LLaVA's 2-layer GELU MLP, 384 -> 576 -> 576) or "linear" (one Linear 384 -> 576)
+    moca       MoCa (`mirlab.lvlm.moca`) on all 30 decoder layers, u = 1 and v = 0 at step 0, trained with the
+               projector at the same learning rate
+    captions   "detailed" (the scene's caption: counts, sizes, colours, shapes, positions) or "short"
+               (`scenes.describe_short`: colours and shapes only), of the same scenes
+
+`prepare(model, processor, recipe)` puts the recipe's step-0 model in place (seeded connector init, fresh MoCa).
 
 Fast path. The vision tower is frozen, so its output for an image never changes: `vision_features` computes it
 once per image (last ViT block, CLS dropped -- what LLaVA feeds its projector for this config) and training runs
 `projector -> scatter into the token embeddings -> LLM -> lm_head on the target rows only`. A test checks this
-gives the same loss as the plain `LlavaForConditionalGeneration(**inputs, labels=...)` forward.
+gives the same loss as the plain `LlavaForConditionalGeneration(**inputs, labels=...)` forward. The LLM call gets
+no input_ids, so with MoCa it names the image rows itself (`build.moca_rows`).
 
 Schedule: AdamW, linear warmup over `warmup` steps to `lr`, then cosine decay to 0 at `steps`:
 
@@ -28,7 +38,10 @@ training set, one per epoch (permutation e = numpy default_rng([seed, e])), so t
 
 Two kinds of checkpoints:
 - trajectory: fp16 projector safetensors at chosen steps (step 0 = the random init), shipped in
-  `data/projector/<recipe>/step-XXXX.safetensors`, plus `log.csv` (step, loss, lr, seconds) next to them;
+  `data/projector/<recipe>/step-XXXX.safetensors`, plus `log.csv` (step, loss, lr, seconds) next to them. A
+  recipe with the default axes writes the shipped projector format (`build.save_projector`); any other recipe a
+  trainable-state file (`trainable.save_state`, names ["projector"] or ["projector", "moca"], MoCa in float32,
+  the full recipe, step and loss as its recipe). `build.embedded_model(path)` loads either kind;
 - resumable state every `checkpoint_every` steps in a scratch folder outside git
   (`<cache root>/train/<recipe>/state.pt`: fp32 trainable state, optimizer, step, RNG, recipe). `train` resumes from it,
   and an interrupted run continues exactly as if it had not stopped.
@@ -49,12 +62,15 @@ import torch
 from PIL import Image
 
 from mirlab import paths
-from mirlab.tiny.trainable import assign_state, freeze_all_but, named_state
+from mirlab.tiny.build import CONNECTORS, attach_moca, connector_kind, moca_rows, remove_moca, set_connector
+from mirlab.tiny.trainable import assign_state, freeze_all_but, named_state, save_state
 
 IGNORE = -100  # label of a position that is not a target
 STATE_FILE = "state.pt"
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
-TRAINED = ("projector",)  # the trainable-state names this stage trains (mirlab.tiny.trainable)
+TRAINED = ("projector",)  # the trainable-state names this stage trains (mirlab.tiny.trainable); + "moca" with MoCa
+CAPTIONS = ("detailed", "short")  # Recipe.captions
+FILE_DTYPES = {"projector": torch.float16, "moca": torch.float32}  # trajectory files (float16 rounds u ~ 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +86,10 @@ class Recipe:
     seed: int = 0  # scenes and data order; the projector init is the embedded model's seeded one
     checkpoint_every: int = 10  # resumable state, scratch folder
     trajectory: tuple[int, ...] | None = None  # steps saved as fp16 checkpoints; None: trajectory_steps(steps, 8)
+    # axes added later; their defaults are what every recipe before them did
+    connector: str = "mlp"  # "mlp" (LLaVA's 2-layer GELU MLP) or "linear" (build.set_connector)
+    moca: bool = False  # MoCa on all decoder layers, trained with the projector (same lr)
+    captions: str = "detailed"  # "detailed" (the scene's caption) or "short" (scenes.describe_short)
 
     def __post_init__(self):
         if self.trajectory is None:
@@ -84,6 +104,22 @@ class Recipe:
             raise ValueError(f"trajectory steps {bad} outside [0, {self.steps}]")
         if not self.name or "/" in self.name or self.name == "final":
             raise ValueError(f"recipe name must be a plain folder name other than 'final', got {self.name!r}")
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
+        if not isinstance(self.moca, bool):
+            raise ValueError(f"moca must be True or False, got {self.moca!r}")
+        if self.captions not in CAPTIONS:
+            raise ValueError(f"captions must be one of {CAPTIONS}, got {self.captions!r}")
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The trainable-state names this recipe trains: ("projector",), plus "moca" with MoCa."""
+        return TRAINED + (("moca",) if self.moca else ())
+
+    @property
+    def default_axes(self) -> bool:
+        """Whether connector, moca and captions hold their defaults (a recipe as they were before those axes)."""
+        return (self.connector, self.moca, self.captions) == ("mlp", False, "detailed")
 
 
 def trajectory_steps(steps: int, n: int = 8) -> tuple[int, ...]:
@@ -180,7 +216,8 @@ def target_logprobs(model, features, input_ids, attention_mask, labels) -> torch
     Row b, column t holds log p(labels[b, t+1] | input_ids[b, :t+1]); only target rows go through lm_head.
     """
     embeds = embed_inputs(model, features, input_ids)
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    with moca_rows(model, input_ids):  # MoCa (if any) calibrates the image rows
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:]
     is_target = targets != IGNORE
     logits = model.lm_head(hidden[:, :-1][is_target]).float()
@@ -194,12 +231,32 @@ def caption_loss(model, features, input_ids, attention_mask, labels) -> torch.Te
     return -logprobs.sum() / (labels[:, 1:] != IGNORE).sum()
 
 
-def freeze_all_but_projector(model):
-    """requires_grad only on the projector (`trainable.freeze_all_but(model, TRAINED)`); eval mode (no dropout
-    anywhere). Returns the trainable parameters."""
+def freeze_all_but_projector(model, names=TRAINED):
+    """requires_grad only on the named parts (`trainable.freeze_all_but(model, names)`; default the projector);
+    eval mode (no dropout anywhere). Returns the trainable parameters, in module order (projector, then MoCa)."""
     model.eval()
-    freeze_all_but(model, TRAINED)
+    freeze_all_but(model, names)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def prepare(model, processor, recipe: Recipe):
+    """Put `recipe`'s step-0 model in place: a freshly seeded connector of recipe.connector (`set_connector`,
+    the embedded model's PROJECTOR_SEED), and a fresh MoCa (u = 1, v = 0) if recipe.moca, none otherwise.
+    Returns the model."""
+    remove_moca(model)
+    set_connector(model, recipe.connector)
+    if recipe.moca:
+        attach_moca(model, processor)
+    return model
+
+
+def check_model(model, recipe: Recipe):
+    """Raise a ValueError unless `model` has recipe's connector, and MoCa exactly when the recipe has it."""
+    kind, has_moca = connector_kind(model), getattr(model, "moca", None) is not None
+    if kind != recipe.connector or has_moca != recipe.moca:
+        raise ValueError(f"recipe {recipe.name} trains a {recipe.connector} connector "
+                         f"{'with' if recipe.moca else 'without'} MoCa; the model has a {kind} connector "
+                         f"{'with' if has_moca else 'without'} MoCa: call pretrain.prepare(model, processor, recipe)")
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -220,38 +277,52 @@ def image_features(model, processor, images, batch_size: int = 32, progress: boo
     return torch.cat(chunks)
 
 
+def scene_captions(metadata: list[dict], captions: str = "detailed") -> list[str]:
+    """The captions of scenes (their metadata) in a recipe's caption style: "detailed" = the scene's own
+    caption, "short" = `scenes.describe_short` of its groups."""
+    from mirlab.pairs.scenes import describe_short
+
+    if captions == "detailed":
+        return [m["caption"] for m in metadata]
+    if captions == "short":
+        return [describe_short(m["groups"]) for m in metadata]
+    raise ValueError(f"captions must be one of {CAPTIONS}, got {captions!r}")
+
+
 def scene_features(model, processor, n: int, seed: int = 0, split: str = "train", cache: bool = True,
-                   progress: bool = False):
+                   progress: bool = False, captions: str = "detailed"):
     """(features (n, tokens, d_vision), captions, metadata list) of scene_dataset(n, seed, split).
 
+    captions: the caption style (`scene_captions`); the scenes and features are the same for every style.
     With cache=True the features are stored in scratch_dir() keyed by the scene set and the vision weights.
     """
     from mirlab.pairs.scenes import scene_dataset
 
     dataset = scene_dataset(n, seed=seed, split=split)
     scenes = list(dataset)  # each item is rendered on access: render once
-    captions = [s["caption"] for s in scenes]
     metadata = [s["metadata"] for s in scenes]
+    styled = scene_captions(metadata, captions)
+    detailed = [s["caption"] for s in scenes]  # the key the feature cache always had, whatever the style
     tower = model.model.vision_tower.embeddings.patch_embeddings.projection.weight
-    key = json.dumps({"n": n, "seed": seed, "split": split, "size": dataset.size, "captions": captions,
+    key = json.dumps({"n": n, "seed": seed, "split": split, "size": dataset.size, "captions": detailed,
                       "processor": processor.image_processor.to_dict(), "layer": model.config.vision_feature_layer,
                       "weights": float(tower.detach().double().sum())}, sort_keys=True, default=str)
     path = scratch_dir() / f"features-{split}-{n}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if cache and path.is_file():
-        return torch.load(path), captions, metadata
+        return torch.load(path), styled, metadata
     features = image_features(model, processor, [s["image"] for s in scenes], progress=progress)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
-    return features, captions, metadata
+    return features, styled, metadata
 
 
 # --- training ------------------------------------------------------------------------------------------------
 
 def _save_state(path: Path, model, optimizer, step: int, recipe: Recipe):
     state = {"step": step, "recipe": dataclasses.asdict(recipe),
-             "trainable": {k: v.clone() for k, v in named_state(model, TRAINED).items()},
+             "trainable": {k: v.clone() for k, v in named_state(model, recipe.trained).items()},
              "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path.with_suffix(".tmp"))
@@ -260,17 +331,25 @@ def _save_state(path: Path, model, optimizer, step: int, recipe: Recipe):
 
 def _load_state(path: Path, model, optimizer, recipe: Recipe) -> int:
     state = torch.load(path, weights_only=False)
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["recipe"].items()}
-    if saved != dataclasses.asdict(recipe):
-        raise ValueError(f"{path} holds a run of a different recipe:\n  saved {saved}\n  asked {recipe}\n"
+    if _saved_recipe(state["recipe"]) != recipe:
+        raise ValueError(f"{path} holds a run of a different recipe:\n  saved {state['recipe']}\n  asked {recipe}\n"
                          f"delete {path.parent} to start over, or use another recipe name")
     if "trainable" in state:
-        assign_state(model, state["trainable"], TRAINED, source=str(path))
+        assign_state(model, state["trainable"], recipe.trained, source=str(path))
     else:  # a state written before trainable.py: the projector's own tensor names
         assign_state(model, {f"projector.{k}": v for k, v in state["projector"].items()}, TRAINED, str(path))
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"]
+
+
+def _saved_recipe(saved: dict) -> Recipe | None:
+    """The Recipe a state file records (None if it is not one). A field it lacks takes its default: a state
+    saved before connector, moca and captions existed is a recipe with their defaults, and still resumes."""
+    try:
+        return Recipe(**saved)
+    except (TypeError, ValueError):
+        return None
 
 
 def _restart_log(path: Path, step: int):
@@ -287,19 +366,29 @@ def _restart_log(path: Path, step: int):
 
 
 def _save_trajectory(model, out_dir: Path, recipe: Recipe, step: int, loss: float | None):
+    """Write `<out_dir>/<recipe>/step-XXXX.safetensors`: the shipped projector format for a recipe with the
+    default axes (as before they existed), else a trainable-state file of recipe.trained with the whole recipe."""
     from mirlab.tiny.build import save_projector
 
-    meta = {"recipe": recipe.name, "step": step, "lr": recipe.lr, "steps": recipe.steps,
-            "batch_size": recipe.batch_size, "train_scenes": recipe.train_scenes, "seed": recipe.seed,
-            "train_loss": "" if loss is None else f"{loss:.5f}"}
-    save_projector(model, out_dir / recipe.name / f"step-{step:04d}.safetensors", meta)
+    path = out_dir / recipe.name / f"step-{step:04d}.safetensors"
+    if recipe.default_axes:
+        meta = {"recipe": recipe.name, "step": step, "lr": recipe.lr, "steps": recipe.steps,
+                "batch_size": recipe.batch_size, "train_scenes": recipe.train_scenes, "seed": recipe.seed,
+                "train_loss": "" if loss is None else f"{loss:.5f}"}
+        save_projector(model, path, meta)
+        return
+    record = {**dataclasses.asdict(recipe), "recipe": recipe.name, "step": step,
+              "train_loss": None if loss is None else round(loss, 5)}
+    save_state(model, recipe.trained, path, record, dtype={n: FILE_DTYPES[n] for n in recipe.trained})
 
 
 def train(model, recipe: Recipe, features: torch.Tensor, captions: list[str], processor, out_dir=None,
           state_dir=None, stop_after: int | None = None, progress: bool = True) -> int:
-    """Train model's projector in place following `recipe`; resume from `state_dir` if a state is there.
+    """Train model's projector (and MoCa) in place following `recipe`; resume from `state_dir` if a state is there.
 
-    features/captions: the training set (features from `scene_features`, len == recipe.train_scenes).
+    model: with recipe's connector and MoCa (`prepare`, which also resets them to step 0; a saved state wins).
+    features/captions: the training set (features from `scene_features` with captions=recipe.captions,
+    len == recipe.train_scenes).
     out_dir: where `<recipe>/step-XXXX.safetensors` and `<recipe>/log.csv` go (default data/projector).
     state_dir: resumable state (default scratch_dir()/<recipe>). stop_after: stop (with a saved state) once this
     update index is reached -- to simulate an interruption. Returns the step reached.
@@ -315,7 +404,8 @@ def train(model, recipe: Recipe, features: torch.Tensor, captions: list[str], pr
     state_path = Path(state_dir if state_dir is not None else scratch_dir() / recipe.name) / STATE_FILE
     log_path = out_dir / recipe.name / "log.csv"
 
-    params = freeze_all_but_projector(model)
+    check_model(model, recipe)
+    params = freeze_all_but_projector(model, recipe.trained)
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     step = _load_state(state_path, model, optimizer, recipe) if state_path.is_file() else 0
     _restart_log(log_path, step)
@@ -375,6 +465,11 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=defaults.seed, help="scenes and data order")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                         help="save the resumable state every K steps")
+    parser.add_argument("--connector", choices=CONNECTORS, default=defaults.connector,
+                        help="projector: LLaVA's 2-layer GELU MLP or one linear layer")
+    parser.add_argument("--moca", action="store_true", help="train MoCa (all decoder layers) with the projector")
+    parser.add_argument("--captions", choices=CAPTIONS, default=defaults.captions,
+                        help="training captions: the detailed scene captions or short ones (colours and shapes)")
     parser.add_argument("--trajectory", type=int, default=8,
                         help="number of shipped fp16 checkpoints, step 0 and the last step included")
     parser.add_argument("--out", default=None, help="checkpoint folder (default: data/projector)")
@@ -388,16 +483,18 @@ def add_arguments(parser):
 def recipe_from_args(args) -> Recipe:
     return Recipe(name=args.recipe, lr=args.lr, steps=args.steps, batch_size=args.batch_size, warmup=args.warmup,
                   weight_decay=args.weight_decay, train_scenes=args.train_scenes, seed=args.seed,
-                  checkpoint_every=args.checkpoint_every, trajectory=trajectory_steps(args.steps, args.trajectory))
+                  checkpoint_every=args.checkpoint_every, trajectory=trajectory_steps(args.steps, args.trajectory),
+                  connector=args.connector, moca=args.moca, captions=args.captions)
 
 
 def run(recipe: Recipe, out_dir=None, state_dir=None, progress: bool = True) -> int:
-    """Load the embedded model with its random projector, build (or reuse) the feature cache, train."""
+    """Load the embedded model, prepare the recipe's step-0 model, build (or reuse) the feature cache, train."""
     from mirlab.tiny.build import embedded_model
 
     model, processor = embedded_model("random")
+    prepare(model, processor, recipe)
     features, captions, _ = scene_features(model, processor, recipe.train_scenes, seed=recipe.seed,
-                                           split="train", progress=progress)
+                                           split="train", progress=progress, captions=recipe.captions)
     return train(model, recipe, features, captions, processor, out_dir=out_dir, state_dir=state_dir,
                  progress=progress)
 

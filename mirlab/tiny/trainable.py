@@ -1,6 +1,6 @@
 """Trainable state: the named parts of a model that mirlab trains, and their checkpoint files.
 
-A *state name* ("projector" today; MoCa or the language model tomorrow) maps to a function model -> module in
+A *state name* ("projector", "moca"; the language model tomorrow) maps to a function model -> module in
 `REGISTRY`; a new trainable part registers itself in one line:
 
     register("projector", lambda model: model.model.multi_modal_projector)
@@ -9,7 +9,8 @@ For a list of names, the *state* is the union of the modules' state dicts with e
 its state name: {"projector.linear_1.weight": ..., "projector.linear_1.bias": ..., ...}.
 
 State file (`save_state` / `load_state`): safetensors holding those tensors (floating ones cast to `dtype`,
-float16 by default) and the metadata
+float16 by default; None keeps each tensor's dtype; a dict gives one per state name, e.g. float32 for MoCa, whose
+u ~ 1 float16 would round to steps of 2**-10) and the metadata
 
     format = "mirlab-trainable-v1"     names = JSON list of state names     recipe = JSON object (how it was made)
 
@@ -39,7 +40,8 @@ def register(name: str, locate: Callable[[torch.nn.Module], torch.nn.Module]) ->
     REGISTRY[name] = locate
 
 
-register("projector", lambda model: model.model.multi_modal_projector)  # LLaVA's 2-layer MLP
+register("projector", lambda model: model.model.multi_modal_projector)  # LLaVA's connector (MLP or linear)
+register("moca", lambda model: model.moca)  # MoCa's scales and shifts, while attached (mirlab.lvlm.moca)
 
 
 def _names(names: Iterable[str] | str) -> list[str]:
@@ -120,27 +122,42 @@ def assign_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], names
         module.load_state_dict({key: tensors[f"{name}.{key}"].to(own[key].dtype) for key in own})
 
 
+def _file_dtypes(dtype, names: list[str]) -> dict[str, torch.dtype | None]:
+    """{state name: dtype its floating tensors are stored in, None = their own} from save_state's `dtype`."""
+    per_name = dict(dtype) if isinstance(dtype, dict) else {name: dtype for name in names}
+    stray = sorted(set(per_name) - set(names))
+    if stray:
+        raise ValueError(f"dtype names parts that are not saved: {stray} (saved: {names})")
+    for name, value in per_name.items():
+        if not (value is None or (isinstance(value, torch.dtype) and value.is_floating_point)):
+            raise ValueError(f"dtype must be a floating torch dtype or None, got {value!r} for {name!r}")
+    return {name: per_name.get(name) for name in names}
+
+
 def save_state(model: torch.nn.Module, names: Iterable[str] | str, path, recipe: dict,
-               dtype: torch.dtype = torch.float16) -> Path:
+               dtype: torch.dtype | None | dict = torch.float16) -> Path:
     """Write the named parts to a safetensors state file (floating tensors cast to `dtype`); returns the path.
 
-    `recipe` (how the state was made) must be JSON-serializable; it comes back from `load_state`
-    as JSON gives it back (tuples as lists).
+    dtype: one floating dtype for every part, None (each tensor keeps its dtype), or {state name: dtype or None}
+    (a name left out keeps its dtypes). `recipe` (how the state was made) must be JSON-serializable; it comes
+    back from `load_state` as JSON gives it back (tuples as lists).
     """
     from safetensors.torch import save_file
 
     names = _names(names)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    dtypes = _file_dtypes(dtype, names)
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe must be a dict, got {type(recipe).__name__}")
     try:
         recipe_json = json.dumps(recipe)
     except TypeError as err:
         raise ValueError(f"recipe is not JSON-serializable: {err}") from None
-    tensors = {key: t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype,
-                                  copy=True).contiguous()
-               for key, t in named_state(model, names).items()}
+    tensors = {}
+    for name in names:
+        target = dtypes[name]
+        for key, t in named_state(model, [name]).items():
+            keep = target is None or not t.is_floating_point()
+            tensors[key] = t.detach().to(device="cpu", dtype=t.dtype if keep else target, copy=True).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": STATE_FORMAT, "names": json.dumps(names),
