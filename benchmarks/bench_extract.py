@@ -1,35 +1,39 @@
 """Benchmark: mirlab's hidden-state extraction vs the official-style loop vs a bare forward pass.
 
-    python benchmarks/bench_extract.py                  # tiny random LLaVA, N=32, batch 4: about 2 min
-    python benchmarks/bench_extract.py --n 100 --layers 8 --hidden 256 --batch-size 4 --threads 1
+    python benchmarks/bench_extract.py --model random:tiny --n 8                 # seconds, CPU
+    python benchmarks/bench_extract.py --model random:llava-1.5-7b --device cuda --dtype bfloat16 --n 64
+    python benchmarks/bench_extract.py --model random:qwen2.5-vl-7b --device cuda --dtype bfloat16 --n 64
     python benchmarks/bench_extract.py --model embedded --n 32 --batch-size 8   # the embedded real model
+    python benchmarks/bench_extract.py --model tiny --n 100 --layers 8 --hidden 256   # LLaVA shapes, tiny LLM
 
-Models: ``--model tiny`` (default) is a random-weight LLaVA-1.5 built locally (CLIP 336 px / patch 14 -> 576
-image tokens, LLM with ``--layers`` decoder layers of width ``--hidden``, vocabulary 32000), so the shapes are
-LLaVA's but a forward pass costs milliseconds, not seconds; pairs are random images and random-word texts
-(seeded). ``--model embedded`` is mirlab's embedded tiny LLaVA (DINOv2-small + trained projector +
-SmolLM2-135M: 64 image tokens, 30 layers of width 576, vocabulary 49153) on the bundled sample pairs with prose
-passages as the text side (``mirlab.sample_pairs(n, text="prose")``), the CNN/DailyMail-like setting of the paper.
+Models: ``random:<shape>`` is a random-weight model with the architecture and size of a released LVLM, built from
+its config (benchmarks/shapes.py: llava-1.5-7b, qwen2.5-vl-7b, and CPU-sized ``tiny`` / ``tiny-qwen2.5-vl``),
+created directly on ``--device`` in ``--dtype``. ``tiny`` is a random LLaVA-1.5 (576 image tokens) whose LLM has
+``--layers`` layers of width ``--hidden``; ``embedded`` is mirlab's embedded tiny LLaVA on the bundled sample
+pairs with prose passages. Pairs are random images of varied sizes and random-word texts (seeded).
 
-Variants, each measured in its own subprocess (honest peak RSS) on the same model and pairs:
+Variants, each measured in its own subprocess (honest peak RSS and device memory) on the same model and pairs:
     official  the official mir.py loop: batch 1, generate(max_new_tokens=1, output_hidden_states=True,
-              output_attentions=True), image and text rows of every layer kept in RAM until the end
-    mirlab    extract_hidden_states(batch_size=--batch-size) into a temporary store, then every layer read
-              back once (as compute_mir does)
-    bare      model(**inputs) at the same batch size, outputs dropped (it computes the 32000-way logits of
-              every position, which extraction does not need)
-    bare-last the same with logits_to_keep=1 (only the last position's logits): the true floor
+              output_attentions=True), eager attention, image and text rows of every layer kept on the model's
+              device until the end
+    mirlab    extract_hidden_states(batch_size=--batch-size, store_dtype=--store-dtype) into a temporary store,
+              then every layer read back once; with --with-mir the read-back is compute_mir on --device
+              (mirlab.metrics.frechet_torch.on_device: the statistics on the GPU), i.e. extraction + MIR
+    bare      model(**inputs) at the same batch size, outputs dropped (it computes the logits of every position)
+    bare-last the same with logits_to_keep=1 (only the last position's logits): the floor
 
-Reported: tokens/s (non-pad tokens through the LLM, counted outside the timed region, per second of wall
-time, processor included), peak RSS of
-the whole process and the peak growth during the workload (VmHWM is reset after the model is built).
-Targets: mirlab >= 3x official tokens/s, <= 1/4 of its peak RSS, and within 1.3x of bare.
+Reported per variant: tokens/s (non-pad tokens through the LLM, counted outside the timed region, per second of
+wall time, processor included), peak RSS of the process and its growth during the workload (VmHWM is reset after
+the model is built), and peak device memory (torch.cuda.max_memory_allocated; 0 on a CPU). Ratios against the
+official loop measured in the same run. Targets (issue 13, one GPU): mirlab >= 3x the official loop's tokens/s,
+<= 1/4 of its peak memory, within 1.3x of the bare forward. ``--json PATH`` also writes the numbers.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -38,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 VARIANTS = ("official", "mirlab", "bare", "bare-last")
 WORDS = ("a the cat dog fox red blue square circle park night quick brown lazy sits on over jumps two photo of "
          "and in at with near small large green tree house river city street car man woman child").split()
@@ -57,24 +62,30 @@ def reset_peak_rss() -> None:
 
 
 def build(args):
-    """The model of ``--model``: a random LLaVA-1.5-shaped model (576 image tokens) or the embedded model."""
+    """The model of ``--model`` on ``--device`` in ``--dtype``, with its processor."""
+    if args.model.startswith("random:"):
+        import shapes
+
+        return shapes.build(args.model.partition(":")[2], device=args.device, dtype=args.dtype)
+    import torch
+
     if args.model == "embedded":
         import mirlab
 
         model, processor = mirlab.tiny.embedded_model("final")
-        return model.eval(), processor
-    return build_tiny(args)
+    else:
+        model, processor = build_tiny(args)
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval(), processor
 
 
 def build_tiny(args):
-    """A random LLaVA-1.5-shaped model (576 image tokens) with a tiny offline tokenizer."""
+    """A random LLaVA-1.5-shaped model (576 image tokens) whose LLM has --layers layers of width --hidden."""
     import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import VICUNA, chat_template, tiny_tokenizer
+    from shapes import VICUNA, chat_template, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(["<image>"], named={"image_token": "<image>"})
     image_processor = LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
@@ -106,18 +117,26 @@ def make_pairs(n: int, seed: int = 0, model: str = "tiny"):
     return images, texts
 
 
+def _on_model(model, batch) -> dict:
+    """Processor output on the model's device, floating tensors in its dtype."""
+    dtype = next(model.parameters()).dtype
+    return {name: (value.to(model.device, dtype) if value.is_floating_point() else value.to(model.device))
+            for name, value in batch.items() if hasattr(value, "to")}
+
+
 def official_style(model, processor, images, texts, args):
     """Batch 1, generate with hidden states and attention maps, every layer's rows kept (as mir.py does)."""
     import torch
-    from mirlab.lvlm.models import render_prompt
+    from mirlab.lvlm.models import image_token_id, render_prompt
 
-    image_id = model.config.image_token_id
+    image_id = image_token_id(model, processor)
     model.set_attn_implementation("eager")  # attention maps need eager attention
     n_layers = model.config.get_text_config().num_hidden_layers
-    vision_rows = [[] for _ in range(n_layers)]
+    image_rows = [[] for _ in range(n_layers)]
     text_rows = [[] for _ in range(n_layers)]
     for image, text in zip(images, texts):
-        inputs = processor(images=image, text=render_prompt(processor, text).text, return_tensors="pt")
+        inputs = _on_model(model, processor(images=image, text=render_prompt(processor, text).text,
+                                            return_tensors="pt"))
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_hidden_states=True,
                                  output_attentions=True, return_dict_in_generate=True,
@@ -126,18 +145,24 @@ def official_style(model, processor, images, texts, args):
         image_positions = (ids == image_id).nonzero().flatten()
         start, end = int(image_positions[0]), int(image_positions[-1]) + 1
         for k, states in enumerate(out.hidden_states[0][1:]):  # skip the embeddings, as mir.py does
-            vision_rows[k].append(states[0, start:end].clone())
+            image_rows[k].append(states[0, start:end].clone())
             text_rows[k].append(states[0, end:].clone())
         del out
-    return vision_rows, text_rows
+    return image_rows, text_rows
 
 
 def mirlab_extract(model, processor, images, texts, args):
     from mirlab.lvlm.extract import extract_hidden_states
 
-    states = extract_hidden_states(model, processor, images, texts, batch_size=args.batch_size, progress=False)
-    for _, vision, text in states:
-        del vision, text
+    states = extract_hidden_states(model, processor, images, texts, batch_size=args.batch_size,
+                                   store_dtype=args.store_dtype, progress=False)
+    if args.with_mir:
+        from mirlab.metrics.frechet_torch import on_device
+        from mirlab.metrics.mir import compute_mir
+
+        return states, compute_mir(on_device(states, args.device))
+    for _, image, text in states:
+        del image, text
     return states
 
 
@@ -165,68 +190,125 @@ def count_tokens(processor, images, texts) -> int:
                              return_tensors="pt")["attention_mask"].sum()) for image, text in zip(images, texts))
 
 
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def measure(variant: str, args) -> dict:
     """Run one variant in this process; return its timing and memory."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
     model, processor = build(args)
     images, texts = make_pairs(args.n, model=args.model)
     run = {"official": official_style, "mirlab": mirlab_extract, "bare": bare_forward, "bare-last": bare_last}[variant]
-    run(model, processor, images[:2], texts[:2], args)  # warm-up (lazy inits, allocator)
+    run(model, processor, images[:2], texts[:2], args)  # warm-up (lazy inits, allocator, kernels)
     gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() if cuda else 0
     before = rss_kib()
     reset_peak_rss()
+    _synchronize(args.device)
     start = time.perf_counter()
     kept = run(model, processor, images, texts, args)  # what the variant holds stays alive until the peak is read
+    _synchronize(args.device)
     seconds = time.perf_counter() - start
     peak = rss_kib("VmHWM")
+    device_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    mir = float(kept[1].mir) if variant == "mirlab" and args.with_mir else None
     del kept
     tokens = count_tokens(processor, images, texts)
     return {"variant": variant, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "peak_rss_mib": peak / 1024, "peak_growth_mib": (peak - before) / 1024}
+            "peak_rss_mib": peak / 1024, "peak_growth_mib": (peak - before) / 1024,
+            "device_peak_mib": device_peak / 2 ** 20, "device_growth_mib": (device_peak - resident) / 2 ** 20,
+            "mir": mir}
+
+
+def child_command(variant: str, args) -> list[str]:
+    options = ["--model", args.model, "--n", str(args.n), "--layers", str(args.layers), "--hidden", str(args.hidden),
+               "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype,
+               "--store-dtype", args.store_dtype, "--threads", str(args.threads)]
+    return [sys.executable, __file__, "--variant", variant, *options] + (["--with-mir"] if args.with_mir else [])
+
+
+def describe(args) -> str:
+    if args.model == "embedded":
+        return "embedded tiny LLaVA (final): 64 image tokens, 30 layers x 576, prose texts"
+    if args.model == "tiny":
+        return f"tiny random LLaVA: 576 image tokens, {args.layers} layers x {args.hidden}"
+    return f"random-weight {args.model.partition(':')[2]} (benchmarks/shapes.py)"
+
+
+def report(results: dict, args) -> list[str]:
+    """The table and the ratios against the official loop and the bare forward (same run)."""
+    lines = [f"{describe(args)}, N={args.n}, batch {args.batch_size}, {args.device} {args.dtype}, "
+             f"store {args.store_dtype}{', with MIR' if args.with_mir else ''}, "
+             f"{args.threads or 'default'} torch thread(s)",
+             f"{'variant':10s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'peak RSS MiB':>13s} "
+             f"{'growth MiB':>11s} {'device peak MiB':>16s}"]
+    for r in results.values():
+        lines.append(f"{r['variant']:10s} {r['tokens']:7d} {r['seconds']:8.2f} {r['tokens_per_s']:9.0f} "
+                     f"{r['peak_rss_mib']:13.0f} {r['peak_growth_mib']:11.0f} {r['device_peak_mib']:16.0f}")
+    official, mirlab, bare, floor = (results.get(v) for v in VARIANTS)
+    if official and mirlab:
+        speed = mirlab["tokens_per_s"] / official["tokens_per_s"]
+        memory = ("device peak", mirlab["device_peak_mib"] / max(official["device_peak_mib"], 1e-9)) \
+            if args.device.startswith("cuda") else \
+            ("peak RSS growth", mirlab["peak_growth_mib"] / max(official["peak_growth_mib"], 1e-9))
+        lines.append(f"mirlab vs official: {speed:.2f}x tokens/s (target >= 3), {memory[0]} {memory[1]:.2f}x "
+                     f"(target <= 0.25), peak RSS {mirlab['peak_rss_mib'] / official['peak_rss_mib']:.2f}x")
+    if mirlab and bare and floor:
+        lines.append(f"bare vs mirlab: bare is {bare['tokens_per_s'] / mirlab['tokens_per_s']:.2f}x as fast "
+                     f"(target <= 1.3); bare-last is {floor['tokens_per_s'] / mirlab['tokens_per_s']:.2f}x as fast")
+    if mirlab and mirlab["mir"] is not None:
+        lines.append(f"mirlab extraction + MIR on {args.device}: {mirlab['seconds']:.1f} s for N={args.n} "
+                     f"(MIR = {mirlab['mir']:.4f})")
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny",
-                        help="tiny random LLaVA-1.5 shapes (default) or the embedded real model")
+    parser.add_argument("--model", default="tiny",
+                        help="random:<shape> (benchmarks/shapes.py), tiny (default) or embedded")
     parser.add_argument("--n", type=int, default=32, help="pairs")
-    parser.add_argument("--layers", type=int, default=8, help="LLM decoder layers")
-    parser.add_argument("--hidden", type=int, default=256, help="LLM hidden size")
+    parser.add_argument("--layers", type=int, default=8, help="--model tiny: LLM decoder layers")
+    parser.add_argument("--hidden", type=int, default=256, help="--model tiny: LLM hidden size")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (same for every variant)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", help="model dtype, e.g. bfloat16 on a GPU (default float32)")
+    parser.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
+                        help="mirlab's row store (float16 halves the disk)")
+    parser.add_argument("--with-mir", action="store_true", help="mirlab variant: extraction + MIR on --device")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (same for every variant; 0: "
+                                                               "torch's default)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--json", default=None, help="also write the results (and the report lines) here")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: child process
     args = parser.parse_args(argv)
+    if not (args.model in ("tiny", "embedded") or args.model.startswith("random:")):
+        parser.error(f"--model {args.model!r}: give random:<shape>, tiny or embedded")
     if args.variant:
         print(json.dumps(measure(args.variant, args)))
         return 0
     results = {}
-    for variant in VARIANTS:
-        child = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--n", str(args.n), "--layers", str(args.layers),
-                 "--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-        done = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
+    for variant in args.variants:
+        done = subprocess.run(child_command(variant, args), capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)
             return 1
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    shape = ("embedded tiny LLaVA (final): 64 image tokens, 30 layers x 576, prose texts" if args.model == "embedded"
-             else f"tiny random LLaVA: 576 image tokens, {args.layers} layers x {args.hidden}")
-    print(f"{shape}, N={args.n}, batch {args.batch_size}, {args.threads} torch thread(s)")
-    print(f"{'variant':10s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'peak RSS MiB':>13s} {'growth MiB':>11s}")
-    for r in results.values():
-        print(f"{r['variant']:10s} {r['tokens']:7d} {r['seconds']:8.2f} {r['tokens_per_s']:9.0f} "
-              f"{r['peak_rss_mib']:13.0f} {r['peak_growth_mib']:11.0f}")
-    official, mirlab, bare, floor = (results[v] for v in VARIANTS)
-    speed = mirlab["tokens_per_s"] / official["tokens_per_s"]
-    memory = mirlab["peak_rss_mib"] / official["peak_rss_mib"]
-    growth = mirlab["peak_growth_mib"] / max(official["peak_growth_mib"], 1e-9)
-    overhead = bare["tokens_per_s"] / mirlab["tokens_per_s"]
-    floor_overhead = floor["tokens_per_s"] / mirlab["tokens_per_s"]
-    print(f"mirlab vs official: {speed:.2f}x tokens/s (target >= 3), peak RSS {memory:.2f}x, "
-          f"peak growth {growth:.2f}x (target <= 0.25)")
-    print(f"bare vs mirlab: bare is {overhead:.2f}x as fast (target <= 1.3); "
-          f"bare-last is {floor_overhead:.2f}x as fast")
+    lines = report(results, args)
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": platform.node(),
+                                               "results": results, "report": lines}, indent=1))
     return 0
 
 

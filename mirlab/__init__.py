@@ -39,7 +39,8 @@ _EXPORTS = {
     "Pairs": "mirlab.pairs.readers", "folder_pairs": "mirlab.pairs.readers", "jsonl_pairs": "mirlab.pairs.readers",
     "load_image": "mirlab.pairs.readers", "sample_pairs": "mirlab.pairs.samples",
     # front
-    "load_model": "mirlab.run", "run_mir": "mirlab.run", "per_layer_figure": "mirlab.plots",
+    "load_model": "mirlab.run", "run_mir": "mirlab.run", "run_probes": "mirlab.run",
+    "compute_probes": "mirlab.metrics.probes", "per_layer_figure": "mirlab.plots",
     "LayerExplorer": "mirlab.widgets",
 }
 _ALIASES = {"FRECHET_METHODS": ("mirlab.metrics.frechet", "METHODS")}

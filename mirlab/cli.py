@@ -1,6 +1,7 @@
 """The ``mirlab`` command: one subcommand per entry of COMMANDS.
 
     mirlab run --model PATH_OR_ID --images DIR --texts DIR --eval-num 100 --out DIR
+    mirlab probe --model PATH_OR_ID --pairs captions.jsonl --eval-num 64 --out DIR
 
 The registry is lazy: COMMANDS maps a name to its help line and two ``"module:function"`` strings, and a
 subcommand's module is imported only when that subcommand is parsed, so ``mirlab --help`` lists every
@@ -32,7 +33,7 @@ MODES = {"fast": "official-fast", "accurate": "official-accurate"}
 
 # library parameter spellings in error messages -> the options a command-line user types
 OPTION_WORDS = {"on_error='skip'": "--skip-bad", "max_text_tokens": "--max-text-tokens", "cache_dir": "--cache",
-                "out_dir": "--out"}
+                "out_dir": "--out", "trust_remote_code=True": "--trust-remote-code"}
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -67,10 +68,8 @@ def positive_int(text: str) -> int:
 
 # --- mirlab run -------------------------------------------------------------------------------------------------
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``mirlab run``; the official mir.py spellings (``--model_path`` ...) are accepted too."""
-    from mirlab.metrics.frechet import METHODS
-
+def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and data options every command that runs a model on pairs takes (``run``, ``probe``)."""
     data = parser.add_argument_group("model and data")
     data.add_argument("--model", "--model-path", "--model_path", default="mirlab/tiny-llava",
                       help="local folder or Hugging Face id of an image-text-to-text model "
@@ -78,6 +77,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--base-llm", "--base_llm", default=None,
                       help="causal LM whose weights replace the model's language model (for checkpoints that "
                            "trained only the projector)")
+    data.add_argument("--trust-remote-code", action="store_true",
+                      help="let transformers run the Python modelling/processing files the model folder or Hub "
+                           "repository ships (its config's auto_map: MiniCPM-V, Phi-3.5-vision, original InternVL), "
+                           "with your permissions; only for sources you trust (default: refuse such models)")
     data.add_argument("--images", "--image-data-path", "--image_data_path", default=None,
                       help="folder of images (TextVQA-style); hidden and system files are skipped")
     data.add_argument("--texts", "--text-data-path", "--text_data_path", default=None,
@@ -89,6 +92,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                       help="number of pairs (default 100)")
     data.add_argument("--seed", type=int, default=0, help="which images and texts are drawn and paired (default 0)")
 
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mirlab run``; the official mir.py spellings (``--model_path`` ...) are accepted too."""
+    from mirlab.metrics.frechet import METHODS
+
+    add_model_and_data_arguments(parser)
     mir = parser.add_argument_group("MIR")
     mir.add_argument("--method", choices=METHODS, default=None,
                      help="Fréchet distance: exact (default, correct) or the official script's arithmetic")
@@ -103,7 +112,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                      help="cut each text to this many tokens, with a warning naming the texts cut (default: keep "
                           "texts whole; a pair too long for the model's context is then an error, or skipped "
                           "with --skip-bad)")
+    add_execution_arguments(parser, "write mir.json, per_layer.csv and per_layer.png here")
 
+
+def add_execution_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The execution options of ``run`` and ``probe`` (batching, dtype, cache, --out, threads, progress)."""
     run = parser.add_argument_group("execution")
     run.add_argument("--batch-size", type=positive_int, default=8, help="pairs per forward pass (default 8)")
     run.add_argument("--dtype", default=None, help="model weights dtype, e.g. bfloat16 (default: as loaded)")
@@ -115,7 +128,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--skip-bad", action="store_true",
                      help="skip unusable pairs (unreadable image or text, too long ...) with a warning instead of "
                           "failing")
-    run.add_argument("--out", default=None, help="write mir.json, per_layer.csv and per_layer.png here")
+    run.add_argument("--out", default=None, help=out_help)
     run.add_argument("--threads", type=positive_int, default=None,
                      help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -129,28 +142,40 @@ def run_command(args: argparse.Namespace) -> int:
     if args.method is not None and args.mode is not None and MODES[args.mode] != args.method:
         raise UserError(f"--mode {args.mode} contradicts --method {args.method}: give one of them")
     method = args.method or MODES.get(args.mode, "exact")
-    if args.pairs is None and (args.images is None or args.texts is None):
-        raise UserError("give --images and --texts (two folders), or --pairs (a JSONL file)")
-    for model, option in ((args.model, "--model"), (args.base_llm, "--base-llm")):
-        if model is not None and model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
-            raise UserError(f"{option} {model}: no such folder (give a local model folder or a Hugging Face id)")
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
-    if args.no_progress:
-        from transformers.utils import logging as transformers_logging
-        transformers_logging.disable_progress_bar()  # its "Loading weights" bar
+    check_model_and_data(args)
+    apply_execution_options(args)
     result = run_mir(args.model, args.images, args.texts, pairs_file=args.pairs, eval_num=args.eval_num,
                      seed=args.seed, method=method, outliers=args.outliers, batch_size=args.batch_size,
                      cache_dir=args.cache, out_dir=args.out, base_llm=args.base_llm, dtype=args.dtype,
                      device_map=args.device_map, text_span=args.text_span,
                      include_embeddings=args.include_embeddings, max_text_tokens=args.max_text_tokens,
                      store_dtype=args.store_dtype, on_error="skip" if args.skip_bad else "raise",
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
     print(summary(result))
     if args.out is not None:
         print(f"wrote mir.json, per_layer.csv, per_layer.png to {args.out}")
     return 0
+
+
+def check_model_and_data(args: argparse.Namespace) -> None:
+    """UserError unless the data options name pairs and a path-like --model / --base-llm exists."""
+    from mirlab.errors import UserError
+
+    if args.pairs is None and (args.images is None or args.texts is None):
+        raise UserError("give --images and --texts (two folders), or --pairs (a JSONL file)")
+    for model, option in ((args.model, "--model"), (args.base_llm, "--base-llm")):
+        if model is not None and model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+            raise UserError(f"{option} {model}: no such folder (give a local model folder or a Hugging Face id)")
+
+
+def apply_execution_options(args: argparse.Namespace) -> None:
+    """--threads (torch CPU threads) and --no-progress (also transformers' "Loading weights" bar)."""
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.no_progress:
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
 
 
 def summary(result, value: str = "fd") -> str:
@@ -174,17 +199,85 @@ def summary(result, value: str = "fd") -> str:
     return "\n".join(lines)
 
 
+# --- mirlab probe -----------------------------------------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    """argparse type: comma-separated ints, e.g. "8,16,30"."""
+    try:
+        return [int(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mirlab probe``: the model and data options of ``run``, which probes, and their settings."""
+    from mirlab.run import PROBES
+
+    add_model_and_data_arguments(parser)
+    probes = parser.add_argument_group("probes")
+    probes.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES), metavar="PROBE",
+                        help=f"which probes (default all): {', '.join(PROBES)}")
+    probes.add_argument("--text-span", choices=("after_image", "caption"), default="caption",
+                        help="text rows: only the text's tokens (default) or everything after the image")
+    probes.add_argument("--include-embeddings", action="store_true", help="also use layer 0 (embedding output)")
+    probes.add_argument("--max-text-tokens", type=positive_int, default=None,
+                        help="cut each text to this many tokens (default: keep texts whole)")
+    probes.add_argument("--knn-k", type=positive_int, default=10,
+                        help="neighbours of the mutual kNN alignment (default 10; at most pairs - 2)")
+    probes.add_argument("--shuffles", type=positive_int, default=10,
+                        help="random re-pairings of the shuffled-pairs baseline (default 10)")
+    probes.add_argument("--head-groups", type=positive_int, default=4,
+                        help="groups of contiguous heads for the attention share (default 4)")
+    probes.add_argument("--lens-layers", type=_int_list, default=None,
+                        help="decoder layers of the logit lens, e.g. 8,16,30 (default: 4 evenly spaced, the last "
+                             "included)")
+    probes.add_argument("--top-k", type=positive_int, default=5, help="logit lens: tokens per image row (default 5)")
+    probes.add_argument("--lens-max-rows", type=positive_int, default=None,
+                        help="logit lens: a random subset of this many image rows per layer (default: all)")
+    add_execution_arguments(parser, "write probes.csv (layer, probe, value), one PNG per probe, "
+                                    "visual_dependence.csv, logit_lens.csv and probes.json here")
+
+
+def probe_command(args: argparse.Namespace) -> int:
+    """Modality-bias probes of a model on (image, text) pairs: norm ratio, modality gap, ranks, paired
+    alignment, visual dependence, attention share, logit lens."""
+    from mirlab.run import run_probes  # checks --cache / --out before loading the model
+
+    check_model_and_data(args)
+    apply_execution_options(args)
+    result = run_probes(args.model, args.images, args.texts, pairs_file=args.pairs, eval_num=args.eval_num,
+                        seed=args.seed, probes=tuple(args.probes), batch_size=args.batch_size,
+                        cache_dir=args.cache, out_dir=args.out, base_llm=args.base_llm, dtype=args.dtype,
+                        device_map=args.device_map, text_span=args.text_span,
+                        include_embeddings=args.include_embeddings, max_text_tokens=args.max_text_tokens,
+                        store_dtype=args.store_dtype, on_error="skip" if args.skip_bad else "raise",
+                        k=args.knn_k, n_shuffles=args.shuffles, head_groups=args.head_groups,
+                        lens_layers=args.lens_layers, top_k=args.top_k, lens_max_rows=args.lens_max_rows,
+                        progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
+    print(result.summary())
+    if args.out is not None:
+        print(f"wrote probes.csv and the probe figures to {args.out}")
+    return 0
+
+
 # --- the registry ------------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
     "run": Command("Measure the MIR of a model on (image, text) pairs.",
                    "mirlab.cli:add_run_arguments", "mirlab.cli:run_command"),
+    "probe": Command("Modality-bias probes beside MIR: norm ratio, modality gap, ranks, paired alignment, visual "
+                     "dependence, attention share, logit lens.", "mirlab.cli:add_probe_arguments",
+                     "mirlab.cli:probe_command"),
     "course": Command("Run every course notebook headless; write executed notebooks and a results table.",
                       "mirlab.course:add_course_arguments", "mirlab.course:course_command"),
     "sweep": Command("Run one notebook over a parameter grid and collect its recorded results into sweep.csv.",
                      "mirlab.course:add_sweep_arguments", "mirlab.course:sweep_command"),
     "pretrain": Command("Pre-train the embedded model's projector (LLaVA stage 1); an interrupted run resumes.",
                         "mirlab.tiny.pretrain:add_arguments", "mirlab.tiny.pretrain:main"),
+    "sft": Command("Instruction-tune the embedded model (LLaVA stage 2), then score it on the scene-QA benchmark.",
+                   "mirlab.tiny.sft:add_arguments", "mirlab.tiny.sft:main"),
+    "benchmark": Command("Score the embedded model on held-out scene questions, with blind baselines.",
+                         "mirlab.tiny.benchmark:add_arguments", "mirlab.tiny.benchmark:main"),
 }
 
 
@@ -241,7 +334,7 @@ def _cache_note(args: argparse.Namespace) -> str:
     """What an interrupted run leaves behind: ``mirlab run`` keeps every finished batch in ``--cache``."""
     if getattr(args, "cache", None):
         return f"; hidden-state cache kept at {args.cache} (rerun the same command to resume)"
-    if args.command == "run":
+    if args.command in ("run", "probe"):
         return " (with --cache DIR a rerun resumes where it stopped)"
     return ""
 

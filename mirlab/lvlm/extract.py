@@ -31,7 +31,12 @@ Idefics3/SmolVLM   ``<image>`` rows of every tile; the                 the closi
 PaliGemma          ``<image>`` rows, (size/patch)^2                    ``<bos>``, ``\\n``, ``<eos>``
 Gemma3             ``<image_soft_token>`` rows (mm_tokens_per_image);  ``<end_of_image>``, template tokens
                    ``<start_of_image>`` is neither
+BLIP-2 /           the ``num_query_tokens`` query rows the             BOS (if any) and the text
+InstructBLIP       processor puts before the text
 =================  ==================================================  =========================================
+
+Every tested family (Qwen3-VL, GLM-4V, InternVL, Janus, Emu3 ... ), the refused ones (cross-attention: Mllama)
+and those that need torchvision or timm: docs/families.md.
 
 Memory and storage: each batch is one forward pass ``model(**inputs, output_hidden_states=True)`` under
 ``torch.inference_mode`` (no generate, no attention maps, only the last position's logits when the model
@@ -42,6 +47,10 @@ manifest ``batches/BBBBB.json`` (which pairs, how many rows each) is written las
 only once all its rows are on disk. Iterating reads one layer back at a time. Peak RAM is therefore one
 batch's hidden states (all layers of that batch) plus one layer of rows, whatever L is. Disk use is
 (rows per pair) x (hidden size) x (#layers) x (2 or 4 bytes) per pair.
+
+A model whose image codes depend on the padded batch (Emu3: ``mirlab.lvlm.models.same_size_batches``) gets one
+forward pass per image size inside a batch; those passes' rows are gathered on the host (all selected layers of
+the batch) and written in pair order, so the store is laid out as with one pass.
 
 Cache: ``cache_dir=`` keeps the store at ``cache_dir/<key>``, key = sha256 of the model fingerprint (config +
 sampled weights), processor settings, the pairs' content (image bytes, texts) and the options. A second call
@@ -67,7 +76,7 @@ import torch
 from mirlab.errors import UserError
 from mirlab.pairs.readers import load_image
 from mirlab.lvlm.models import (image_token_id, model_fingerprint, num_layers, processor_fingerprint, render_prompt,
-                           text_token_ids, truncate_text)
+                                 same_size_batches, text_token_ids, token_text, truncate_text)
 
 FORMAT = "mirlab-hidden-states-v2"  # v2: image_*.npy shards, n_image columns
 TEXT_SPANS = ("after_image", "caption")
@@ -287,7 +296,7 @@ def _prepare_text(processor, text, max_text_tokens, max_positions=None):
         raise PairError(f"text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise PairError("empty text")
-    image_token = getattr(processor, "image_token", None)
+    image_token = token_text(getattr(processor, "image_token", None))
     if isinstance(image_token, str) and image_token in text:
         raise PairError(f"text contains the image placeholder {image_token!r}")
     cut = False
@@ -355,25 +364,65 @@ def model_inputs(model, processor, images: list, prompts: list) -> dict:
 
 
 def forward_hidden_states(model, inputs: dict) -> tuple[torch.Tensor, ...]:
-    """``hidden_states`` (L + 1 tensors of shape (B, T, d)) of one forward pass, no logits beyond one position."""
+    """``hidden_states`` (L + 1 tensors of shape (B, T, d)) of one forward pass, no logits beyond one position.
+
+    Read from the output's ``hidden_states``, or, for models that wrap their language model's output (BLIP-2,
+    InstructBLIP), from ``language_model_outputs.hidden_states``.
+    """
     extra = {"output_hidden_states": True, "use_cache": False, "return_dict": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = 1
     with torch.inference_mode():
-        return model(**inputs, **extra).hidden_states
+        output = model(**inputs, **extra)
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is None:
+        hidden = getattr(getattr(output, "language_model_outputs", None), "hidden_states", None)
+    if hidden is None:
+        raise ValueError(f"{type(model).__name__} returned no decoder hidden states ({type(output).__name__} has "
+                         "neither `hidden_states` nor `language_model_outputs.hidden_states`): mirlab needs a "
+                         "decoder-only language model (an encoder-decoder one, e.g. BLIP-2 with Flan-T5, keeps the "
+                         "image rows in its encoder)")
+    return hidden
+
+
+def _save_rows(root: Path, batch: int, layer: int, modality: str, rows: np.ndarray, store_dtype) -> None:
+    """One shard: float32 ``rows`` of one layer and modality of a batch, stored as ``store_dtype``."""
+    if store_dtype == np.float16 and rows.size and np.abs(rows).max() > np.finfo(np.float16).max:
+        raise ValueError(f"layer {layer} has {modality} values beyond the float16 range "
+                         f"(max |x| = {np.abs(rows).max():.3g}): use store_dtype='float32'")
+    rows = rows.astype(store_dtype, copy=False)
+    _atomic_write(_shard(root, layer, modality, batch), lambda f: np.save(f, rows))
+
+
+def _selected(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``states`` (B, T, d) where ``mask`` (B, T) is True, as float32 on the CPU (sample order)."""
+    return states[mask.to(states.device)].to("cpu", torch.float32)
 
 
 def _write_batch(root: Path, batch: int, hidden_states, image, text, layers, store_dtype) -> None:
     """Each selected layer's image rows and text rows of this batch, one .npy file per layer and modality."""
     for layer in layers:
-        states = hidden_states[layer]
         for modality, mask in (("image", image), ("text", text)):
-            rows = states[mask.to(states.device)].to("cpu", torch.float32).numpy()
-            if store_dtype == np.float16 and rows.size and np.abs(rows).max() > np.finfo(np.float16).max:
-                raise ValueError(f"layer {layer} has {modality} values beyond the float16 range "
-                                 f"(max |x| = {np.abs(rows).max():.3g}): use store_dtype='float32'")
-            rows = rows.astype(store_dtype, copy=False)
-            _atomic_write(_shard(root, layer, modality, batch), lambda f, rows=rows: np.save(f, rows))
+            _save_rows(root, batch, layer, modality, _selected(hidden_states[layer], mask).numpy(), store_dtype)
+
+
+def _pair_rows(hidden_states, image, text, layers) -> dict:
+    """{(layer, modality): one float32 CPU tensor of rows per sample} of one forward pass (sub-batched batches)."""
+    counts = {"image": image.sum(dim=1).tolist(), "text": text.sum(dim=1).tolist()}
+    return {(layer, modality): torch.split(_selected(hidden_states[layer], mask), counts[modality])
+            for layer in layers for modality, mask in (("image", image), ("text", text))}
+
+
+def _image_size_groups(model, kept: list) -> list[list]:
+    """The kept (pair, image, prompt) items of a batch in groups run as one forward pass each: all of them, or,
+    for a model that must see one image size per pass (mirlab.lvlm.models.same_size_batches, e.g. Emu3), one
+    group per image size (first-appearance order; pair order inside a group)."""
+    if not same_size_batches(model):
+        return [kept]
+    groups: dict = {}
+    for item in kept:
+        groups.setdefault(item[1].size, []).append(item)
+    return list(groups.values())
 
 
 def _usable_pairs(pairs, images, prompts, problems, skipped):
@@ -407,26 +456,47 @@ def _batch_inputs(model, processor, kept, max_positions, problems, skipped):
 
 def _run_batch(model, processor, root, batch, pairs, images, prompts, problems, options, image_id, layers,
                max_positions):
-    """Extract one batch of pair indices: forward, write its shards, then (last) its manifest."""
+    """Extract one batch of pair indices: forward, write its shards, then (last) its manifest.
+
+    Normally one forward pass whose rows are written layer by layer. A model that needs one image size per pass
+    gets one pass per size; their rows are gathered (all layers of the batch, on the host) and written in pair
+    order, so the store is laid out exactly as with one pass.
+    """
     skipped, samples, hidden_size = [], [], None
     kept = _usable_pairs(pairs, images, prompts, problems, skipped)
-    if kept:
-        kept, inputs = _batch_inputs(model, processor, kept, max_positions, problems, skipped)
-    if kept:
-        text_ids = [text_token_ids(processor.tokenizer, k[2]) for k in kept]
+    passes = []
+    for group in _image_size_groups(model, kept) if kept else []:
+        group, inputs = _batch_inputs(model, processor, group, max_positions, problems, skipped)
+        if group:
+            passes.append((group, inputs))
+    gathered = []  # (pair, {(layer, modality): rows}) when there are several passes
+    for group, inputs in passes:
+        text_ids = [text_token_ids(processor.tokenizer, k[2]) for k in group]
         image, text, why = select_rows(inputs["input_ids"].cpu(), inputs["attention_mask"].cpu(), image_id,
                                         options["text_span"], text_ids)
-        for (pair, _, _), reason in zip(kept, why):
+        for (pair, _, _), reason in zip(group, why):
             if reason is not None:
                 problems(pair, reason, skipped)
         hidden_states = forward_hidden_states(model, inputs)
         if len(hidden_states) != options["n_layers"] + 1:
             raise ValueError(f"the model returned {len(hidden_states)} hidden states, expected "
                              f"{options['n_layers'] + 1} (num_hidden_layers + embeddings)")
-        _write_batch(root, batch, hidden_states, image, text, layers, STORE_DTYPES[options["store_dtype"]])
         hidden_size = int(hidden_states[0].shape[-1])
-        samples = [{"pair": pair, "name": problems.names[pair], "n_image": int(image[i].sum()),
-                    "n_text": int(text[i].sum())} for i, (pair, _, _) in enumerate(kept) if why[i] is None]
+        samples += [{"pair": pair, "name": problems.names[pair], "n_image": int(image[i].sum()),
+                     "n_text": int(text[i].sum())} for i, (pair, _, _) in enumerate(group) if why[i] is None]
+        if len(passes) == 1:
+            _write_batch(root, batch, hidden_states, image, text, layers, STORE_DTYPES[options["store_dtype"]])
+            continue
+        rows = _pair_rows(hidden_states, image, text, layers)
+        gathered += [(pair, {key: parts[i] for key, parts in rows.items()}) for i, (pair, _, _) in enumerate(group)]
+        del hidden_states, rows
+    if len(passes) > 1:
+        gathered.sort(key=lambda item: item[0])
+        for layer in layers:
+            for modality in MODALITIES:
+                rows = torch.cat([item[1][(layer, modality)] for item in gathered])
+                _save_rows(root, batch, layer, modality, rows.numpy(), STORE_DTYPES[options["store_dtype"]])
+        samples.sort(key=lambda sample: sample["pair"])
     _write_json(_manifest(root, batch), {"samples": samples, "skipped": skipped, "hidden_size": hidden_size})
 
 

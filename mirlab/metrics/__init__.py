@@ -4,6 +4,9 @@
     frechet     the Fréchet distance of Gaussian fits: exact, and the official code's arithmetic for parity
     mir         layer_fd, compute_mir -> MIRResult (MIR = log10 of the summed per-layer FD)
     bootstrap   bootstrap_mir: a confidence interval by resampling pairs
+    frechet_torch  the exact Fréchet distance in torch float64 on the rows' device (CUDA), streaming layers
+    probes      modality-bias probes of the rows: norm ratio, modality gap, effective rank / participation
+                ratio, paired alignment (linear CKA, mutual kNN); compute_probes -> a wide per-layer table
 
 A new per-layer metric goes here as its own module: a function of one layer's (image, text) rows that
 returns a row of a per-layer table (see docs/architecture.md, "Adding a metric"). This package imports
@@ -13,7 +16,10 @@ from mirlab.metrics.bootstrap import BootstrapResult, bootstrap_mir
 from mirlab.metrics.frechet import METHODS, frechet_distance, frechet_from_stats, gaussian_stats, trace_sqrt_product
 from mirlab.metrics.mir import MIRResult, compute_mir, layer_fd
 from mirlab.metrics.normalize import check_rows, prepare_layer, replace_outliers, text_centric_scale
+from mirlab.metrics.probes import (compute_probes, effective_rank, layer_probes, linear_cka, modality_gap,
+                                   mutual_knn, norm_ratio, participation_ratio, tidy_probes, wide_probes)
 
-__all__ = ["BootstrapResult", "METHODS", "MIRResult", "bootstrap_mir", "check_rows", "compute_mir",
-           "frechet_distance", "frechet_from_stats", "gaussian_stats", "layer_fd", "prepare_layer",
-           "replace_outliers", "text_centric_scale", "trace_sqrt_product"]
+__all__ = ["BootstrapResult", "METHODS", "MIRResult", "bootstrap_mir", "check_rows", "compute_mir", "compute_probes",
+           "effective_rank", "frechet_distance", "frechet_from_stats", "gaussian_stats", "layer_fd", "layer_probes",
+           "linear_cka", "modality_gap", "mutual_knn", "norm_ratio", "participation_ratio", "prepare_layer",
+           "replace_outliers", "text_centric_scale", "tidy_probes", "trace_sqrt_product", "wide_probes"]

@@ -1,0 +1,374 @@
+"""LLaVA stage 2 in miniature: instruction tuning (SFT) of the embedded model on questions about scenes.
+
+Data: `mirlab.pairs.scene_qa.qa_dataset(train_scenes, "train", seed)`, one question per kind per scene (all six
+kinds mixed, answers balanced per kind), each written as one chat turn by `instruct.encode_qa`:
+
+    <|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
+    \\______________________________ prompt (never a target) __________________________/\\_ targets _/
+
+Trained: the language model (every decoder weight, the norms and the token embeddings; SmolLM2's lm_head is
+tied to the embeddings, so it trains through them and is stored once), the projector, and MoCa when the model
+has one attached (`model.moca`) -- what the paper's SFT unfreezes. The vision tower stays frozen. The loss is the
+mean next-token cross-entropy over the answer tokens of the batch (`pretrain.caption_loss` on the instruction
+labels; equal to Hugging Face's causal-LM loss on the same batch, tested):
+
+    loss = - (1 / #answer tokens) * sum_{b, t answer} log p(x_{b,t} | x_{b,<t}, image_b)
+
+Everything else is pre-training's machinery (`mirlab.tiny.pretrain`): cached vision features (the tower is frozen),
+AdamW, linear warmup then cosine decay (`pretrain.learning_rate`), the data order of `pretrain.batch_indices`
+(seeded permutations of the examples, one per epoch), the model in eval mode (no dropout) with gradients on.
+
+Files, all under the user cache (`mirlab.paths.cache_dir()/"sft"/<recipe>-<start>/`, never in git):
+- state.pt: resumable state every `checkpoint_every` steps (fp32 trainable tensors, AdamW moments, step, RNG,
+  recipe, start); `train_sft` resumes from it and continues exactly as if it had not stopped;
+- log.csv: step, loss, lr, seconds (per step);
+- final.safetensors: the fine-tuned parts (`trainable.save_state`) with the recipe and the start: the language
+  model and projector in float16 (half the disk; a reload reproduces the benchmark), MoCa in float32 (a scale
+  near 1 needs more than float16's 3 digits). `load_sft` rebuilds the model from it.
+
+`mirlab sft --start final --out DIR` trains (or resumes) one run and then scores it with the scene-QA benchmark
+(`mirlab.tiny.benchmark`), writing the benchmark's tables and figure, the training log and sft.json to DIR.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from mirlab import paths
+from mirlab.tiny import instruct, pretrain, trainable
+
+LANGUAGE_MODEL, PROJECTOR, LM_HEAD, MOCA = "language_model", "projector", "lm_head", "moca"
+trainable.register(LANGUAGE_MODEL, lambda model: model.model.language_model)  # decoder + token embeddings
+trainable.register(LM_HEAD, lambda model: model.lm_head)  # trained only when not tied to the embeddings
+
+STATE_FILE = "state.pt"
+LOG_FILE = "log.csv"
+FINAL_FILE = "final.safetensors"
+WEIGHTS_DTYPE = torch.float16  # final.safetensors stores the LLM and the projector so (MoCa: float32)
+RUNS_FOLDER = "sft"  # under paths.cache_dir()
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTRecipe:
+    """Everything that determines an SFT run besides its start (equal recipes and starts give equal weights)."""
+    name: str = "sft"
+    lr: float = 1e-4
+    steps: int = 150
+    batch_size: int = 8
+    warmup: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0  # training scenes, their questions and the data order
+    train_scenes: int = 500  # instruction data: qa_dataset(train_scenes, "train", seed)
+    trainable: tuple[str, ...] = (LANGUAGE_MODEL, PROJECTOR)  # + lm_head if untied, + moca if attached
+    checkpoint_every: int = 25  # resumable state (about 1.6 GB for the embedded model)
+
+    def __post_init__(self):
+        object.__setattr__(self, "trainable", tuple(self.trainable))
+        if self.steps < 1 or self.batch_size < 1 or self.train_scenes < 1 or self.checkpoint_every < 1:
+            raise ValueError(f"steps, batch_size, train_scenes and checkpoint_every must be positive: {self}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"warmup must be in [0, steps): {self.warmup} vs {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"recipe name must be a plain folder name, got {self.name!r}")
+        unknown = [n for n in self.trainable if n not in trainable.REGISTRY]
+        if unknown or not self.trainable:
+            raise ValueError(f"unknown trainable state names {unknown}; known: {sorted(trainable.REGISTRY)}")
+
+
+def tied_head(model) -> bool:
+    """True when lm_head's weight is the input embedding matrix itself (SmolLM2, the embedded model)."""
+    return model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def trained_names(model, recipe: SFTRecipe) -> list[str]:
+    """The state names this run trains: recipe.trainable, plus "lm_head" when the language model trains and the
+    head is a separate matrix, plus "moca" when MoCa is attached to the model."""
+    names = list(recipe.trainable)
+    if LANGUAGE_MODEL in names and LM_HEAD not in names and not tied_head(model):
+        names.append(LM_HEAD)
+    if getattr(model, MOCA, None) is not None and MOCA not in names:
+        names.append(MOCA)
+    return names
+
+
+def start_label(start: str) -> str:
+    """A folder-name form of the start checkpoint: 'lr2e-3/step-0020' -> 'lr2e-3-step-0020'; a path -> its stem."""
+    path = Path(start)
+    if path.suffix == ".safetensors":
+        return path.stem
+    label = str(start).strip("/").replace("/", "-")
+    if not label or label.startswith("."):
+        raise ValueError(f"start must be a checkpoint name or a .safetensors file, got {start!r}")
+    return label
+
+
+def run_dir(recipe: SFTRecipe, start: str) -> Path:
+    """`paths.cache_dir()/sft/<recipe name>-<start label>`: state, log and fine-tuned weights of one run."""
+    return paths.cache_dir() / RUNS_FOLDER / f"{recipe.name}-{start_label(start)}"
+
+
+def state_digest(model, names) -> str:
+    """sha256 (16 hex digits) of the named parts' tensors (names sorted, raw float32 bytes)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(trainable.named_state(model, names).items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --- data and loss -------------------------------------------------------------------------------------------
+
+def training_data(model, processor, recipe: SFTRecipe, progress: bool = False):
+    """(questions, features): qa_dataset(train_scenes, "train", seed) and the vision features of its scenes
+    (`pretrain.scene_features`, cached); question["scene"] indexes features."""
+    from mirlab.pairs.scene_qa import qa_dataset
+
+    questions = qa_dataset(recipe.train_scenes, split="train", seed=recipe.seed)
+    features, _, _ = pretrain.scene_features(model, processor, recipe.train_scenes, seed=recipe.seed,
+                                             split="train", progress=progress)
+    return questions, features
+
+
+def example_indices(step: int, recipe: SFTRecipe, n_examples: int) -> list[int]:
+    """Indices of the examples of update `step` (1-based): pre-training's order (`pretrain.batch_indices`,
+    seeded permutations, one per epoch) over the n_examples instruction examples."""
+    order = types.SimpleNamespace(train_scenes=n_examples, batch_size=recipe.batch_size, seed=recipe.seed)
+    return pretrain.batch_indices(step, order)
+
+
+def encode_batch(processor, features, questions):
+    """(features of each question's scene, input_ids, attention_mask, labels) for a list of questions."""
+    input_ids, attention_mask, labels = instruct.encode_qa(processor, [q["question"] for q in questions],
+                                                           [q["answer"] for q in questions])
+    return features[[int(q["scene"]) for q in questions]], input_ids, attention_mask, labels
+
+
+def answer_loss(model, features, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens: `pretrain.caption_loss` (which names MoCa's image rows when
+    MoCa is attached) on the instruction labels."""
+    return pretrain.caption_loss(model, features, input_ids, attention_mask, labels)
+
+
+# --- state ---------------------------------------------------------------------------------------------------
+
+def _save_state(path: Path, model, optimizer, step: int, recipe: SFTRecipe, start: dict, names):
+    state = {"step": step, "recipe": dataclasses.asdict(recipe), "start": start, "names": list(names),
+             "trainable": trainable.named_state(model, names), "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _load_state(path: Path, model, optimizer, recipe: SFTRecipe, start: dict, names) -> int:
+    state = torch.load(path, weights_only=False)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["recipe"].items()}
+    if saved != dataclasses.asdict(recipe) or state["start"] != start or state["names"] != list(names):
+        raise ValueError(f"{path} holds another run:\n  saved {saved}, start {state['start']}, parts "
+                         f"{state['names']}\n  asked {dataclasses.asdict(recipe)}, start {start}, parts {names}\n"
+                         f"delete {path.parent} to start over, or use another recipe name")
+    trainable.assign_state(model, state["trainable"], names, source=str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+def _record(recipe: SFTRecipe, start: dict, names, step: int, loss: float | None) -> dict:
+    """What final.safetensors stores as its recipe: the SFT recipe, the start, the parts, the last loss."""
+    return {"stage": "sft", "recipe": dataclasses.asdict(recipe), "start": start, "names": list(names),
+            "steps_done": step, "final_loss": loss, "weights_dtype": str(WEIGHTS_DTYPE).removeprefix("torch.")}
+
+
+def save_final(model, out_dir, record: dict) -> Path:
+    """out_dir/final.safetensors: the trained parts, MoCa in float32, everything else in WEIGHTS_DTYPE."""
+    dtypes = {name: torch.float32 if name == MOCA else WEIGHTS_DTYPE for name in record["names"]}
+    return trainable.save_state(model, record["names"], Path(out_dir) / FINAL_FILE, recipe=record, dtype=dtypes)
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+def train_sft(model, processor, recipe: SFTRecipe, start: str, out_dir=None, state_dir=None, progress: bool = True,
+              stop_after: int | None = None, data=None) -> int:
+    """Instruction-tune `model` in place (LLM + projector [+ MoCa]); resume from the state in `state_dir` if any.
+
+    start: the pre-training checkpoint the model was loaded with (a shipped name such as "final", "random",
+    "lr2e-3/step-0020", or a file): recorded, with a digest of the trained parts as they are now, in the state,
+    the log folder and final.safetensors. out_dir: log.csv and the final weights (default `run_dir`);
+    state_dir: state.pt (default `run_dir`). stop_after: stop (with a saved state) once this update index is
+    reached, to simulate an interruption. data: (questions, features) instead of `training_data(...)`.
+    Returns the step reached; final.safetensors is written when the run completes.
+    """
+    from tqdm.auto import tqdm
+
+    default = run_dir(recipe, start)
+    out_dir = Path(out_dir) if out_dir is not None else default
+    state_path = Path(state_dir if state_dir is not None else default) / STATE_FILE
+    log_path = out_dir / LOG_FILE
+    questions, features = data if data is not None else training_data(model, processor, recipe, progress)
+    if not questions:
+        raise ValueError("no training questions")
+    top = max(int(q["scene"]) for q in questions)
+    if top >= len(features):
+        raise ValueError(f"a question is about scene {top} but the features hold {len(features)} scenes")
+
+    names = trained_names(model, recipe)
+    start_info = {"checkpoint": str(start), "digest": state_digest(model, names)}
+    model.eval()
+    trainable.freeze_all_but(model, names)
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix appears once
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    step = _load_state(state_path, model, optimizer, recipe, start_info, names) if state_path.is_file() else 0
+    pretrain._restart_log(log_path, step)
+    last = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
+
+    bar = tqdm(total=recipe.steps, initial=step, desc=f"sft {recipe.name} from {start}", disable=not progress)
+    loss = None
+    while step < last:
+        step += 1
+        began = time.perf_counter()
+        lr = pretrain.learning_rate(step, recipe)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [questions[i] for i in example_indices(step, recipe, len(questions))]
+        loss = answer_loss(model, *encode_batch(processor, features, batch))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds = time.perf_counter() - began
+
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([step, f"{loss.item():.6f}", f"{lr:.6g}", f"{seconds:.3f}"])
+        if step % recipe.checkpoint_every == 0 or step == last:
+            _save_state(state_path, model, optimizer, step, recipe, start_info, names)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", s_per_step=f"{seconds:.1f}")
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+    if step == recipe.steps:
+        final_loss = loss.item() if loss is not None else _last_logged_loss(log_path)
+        save_final(model, out_dir, _record(recipe, start_info, names, step, final_loss))
+    return step
+
+
+def _last_logged_loss(log_path: Path) -> float | None:
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]["loss"]) if rows else None
+
+
+def read_log(folder) -> "pandas.DataFrame":  # noqa: F821
+    """log.csv of an SFT run folder as a DataFrame (step, loss, lr, seconds)."""
+    import pandas as pd
+
+    return pd.read_csv(Path(folder) / LOG_FILE)
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+def load_sft(path, cache_dir=None):
+    """(model, processor) of a fine-tuned run: the embedded model with its final.safetensors loaded
+    (`build.embedded_model` of the file, which also sets the connector kind and attaches MoCa when the file holds
+    one). `path`: a run folder or its final.safetensors."""
+    from mirlab.tiny.build import MODEL_NAME, embedded_model
+
+    path = Path(path)
+    file = path / FINAL_FILE if path.is_dir() else path
+    if trainable.read_state(file)[2].get("stage") != "sft":
+        raise ValueError(f"{file} is not an SFT result (its recipe has no stage 'sft')")
+    model, processor = embedded_model(file, cache_dir=cache_dir)
+    model.name_or_path = model.config.name_or_path = f"{MODEL_NAME}@sft:{file.parent.name}"
+    return model.eval(), processor
+
+
+# --- `mirlab sft` ----------------------------------------------------------------------------------------------
+
+def add_arguments(parser):
+    """Options of `mirlab sft` (defaults = the SFTRecipe fields and the benchmark's defaults)."""
+    defaults = SFTRecipe()
+    parser.add_argument("--start", default="final",
+                        help="pre-training checkpoint to start from: a shipped name (final, random, "
+                             "lr2e-3/step-0020, ...) or a checkpoint .safetensors file")
+    parser.add_argument("--out", required=True, help="folder for the benchmark tables, figure, log.csv, sft.json")
+    parser.add_argument("--name", default=defaults.name, help="recipe name (the run folder is <name>-<start>)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (AdamW)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer updates")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warmup steps, then cosine")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="training scenes, questions and order")
+    parser.add_argument("--train-scenes", type=int, default=defaults.train_scenes,
+                        help="training scenes (split 'train'); one question per kind per scene, balanced")
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                        help="save the resumable state every K steps")
+    parser.add_argument("--state-dir", default=None, help="resumable state folder (default: the run folder)")
+    parser.add_argument("--scenes", type=int, default=500, help="benchmark: held-out scenes to draw from")
+    parser.add_argument("--per-kind", type=int, default=100, help="benchmark: balanced questions per kind")
+    parser.add_argument("--no-generation", action="store_true", help="benchmark: skip the free-generation view")
+    parser.add_argument("--no-benchmark", action="store_true", help="train only")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def recipe_from_args(args) -> SFTRecipe:
+    return SFTRecipe(name=args.name, lr=args.lr, steps=args.steps, batch_size=args.batch_size, warmup=args.warmup,
+                     weight_decay=args.weight_decay, seed=args.seed, train_scenes=args.train_scenes,
+                     checkpoint_every=args.checkpoint_every)
+
+
+def main(args) -> int:
+    """Instruction-tune the embedded model from a pre-training checkpoint (LLaVA stage 2), then benchmark it."""
+    import pandas as pd
+
+    from mirlab.tiny import benchmark
+    from mirlab.tiny.build import embedded_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = recipe_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = run_dir(recipe, args.start)
+    progress = not args.no_progress
+
+    began = time.perf_counter()
+    model, processor = embedded_model(args.start)
+    step = train_sft(model, processor, recipe, args.start, state_dir=args.state_dir, progress=progress)
+    train_seconds = time.perf_counter() - began
+    log = read_log(folder)
+    shutil.copyfile(folder / LOG_FILE, out / LOG_FILE)
+    info = {"recipe": dataclasses.asdict(recipe), "start": args.start, "run_dir": str(folder),
+            "steps_done": step, "threads": torch.get_num_threads(),
+            "seconds_per_step": round(float(log["seconds"].mean()), 3),
+            "sft_seconds_logged": round(float(log["seconds"].sum()), 1),
+            "sft_wall_seconds_this_call": round(train_seconds, 1)}
+    print(f"sft {recipe.name} from {args.start}: step {step}/{recipe.steps}, "
+          f"{info['seconds_per_step']:.2f} s/step, weights in {folder}")
+    if not args.no_benchmark and step == recipe.steps:
+        del model
+        began = time.perf_counter()
+        model, processor = load_sft(folder)
+        tables = benchmark.benchmark(model, processor, n_scenes=args.scenes, per_kind=args.per_kind,
+                                     generation=not args.no_generation, progress=progress)
+        info["benchmark_seconds"] = round(time.perf_counter() - began, 1)
+        meta = {"checkpoint": f"sft:{folder.name}", "start": args.start, "scenes": args.scenes,
+                "per_kind": args.per_kind, "seconds": info["benchmark_seconds"], "threads": torch.get_num_threads(),
+                "title": f"scene QA after SFT ({recipe.name}) from {args.start}"}
+        benchmark.write_outputs(tables, out, meta)
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(tables["summary"].round(3).to_string(index=False))
+    (out / "sft.json").write_text(json.dumps(info, indent=2))
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return 0
