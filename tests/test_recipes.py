@@ -71,16 +71,18 @@ def test_short_captions_are_those_of_the_same_scenes():
 
 
 def test_an_old_resumable_state_still_resumes(tmp_path):
-    """A state.pt written before the axes existed (no connector/moca/captions in its recipe) loads."""
+    """A state whose recipe predates the axes (no connector/moca/captions in it) resumes as their defaults."""
+    from mirlab.tiny import resume
+
     model = tiny_build("llava").model
     recipe = Recipe(name="r", steps=10, warmup=0, train_scenes=4, trajectory=())
     optimizer = torch.optim.AdamW(pretrain.freeze_all_but_projector(model), lr=1e-3)
-    path = tmp_path / "state.pt"
+    path = tmp_path / pretrain.STATE_FILE
     pretrain._save_state(path, model, optimizer, 3, recipe)
-    state = torch.load(path, weights_only=False)
+    tensors, meta = resume.load(path, restore_rng=False)
     for key in ("connector", "moca", "captions"):
-        del state["recipe"][key]
-    torch.save(state, path)
+        del meta["recipe"][key]
+    resume.save(path, tensors, optimizer, meta)
     assert pretrain._load_state(path, model, optimizer, recipe) == 3
     with pytest.raises(ValueError, match="different recipe"):
         pretrain._load_state(path, model, optimizer, dataclasses.replace(recipe, moca=True))

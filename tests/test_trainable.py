@@ -226,24 +226,19 @@ def test_shipped_projector_checkpoints_still_load(name):
     load_projector(Shell(), path)
 
 
-def test_pretrain_state_holds_the_trainable_state_and_reads_older_states(model, tmp_path):
+def test_pretrain_state_holds_the_trainable_state(model, tmp_path):
+    from mirlab.tiny import resume
+
     recipe = pretrain.Recipe(name="r", steps=10, warmup=0, train_scenes=4, trajectory=())
     params = pretrain.freeze_all_but_projector(model)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     before = projector_state(model)
-    path = tmp_path / "state.pt"
+    path = tmp_path / pretrain.STATE_FILE
     pretrain._save_state(path, model, optimizer, 7, recipe)
-    assert sorted(torch.load(path, weights_only=False)["trainable"]) == sorted(f"projector.{k}" for k in before)
+    assert sorted(resume.load(path, restore_rng=False)[0]) == sorted(f"projector.{k}" for k in before)
     scramble(model)
     assert pretrain._load_state(path, model, optimizer, recipe) == 7
     for k, v in model.model.multi_modal_projector.state_dict().items():
         assert torch.equal(v, before[k]), k
-    # a state written before trainable.py kept the projector's own tensor names under "projector"
-    state = torch.load(path, weights_only=False)
-    state["projector"] = {k.removeprefix("projector."): v for k, v in state.pop("trainable").items()}
-    torch.save(state, path)
-    scramble(model)
-    assert pretrain._load_state(path, model, optimizer, recipe) == 7
-    assert torch.equal(model.model.multi_modal_projector.linear_2.weight, before["linear_2.weight"])
-    with pytest.raises(ValueError, match="state.pt does not fit"):
+    with pytest.raises(ValueError, match="state.safetensors does not fit"):
         assign_state(model, {"projector.linear_1.weight": torch.zeros(1)}, ["projector"], source=str(path))

@@ -43,7 +43,8 @@ Two kinds of checkpoints:
   trainable-state file (`trainable.save_state`, names ["projector"] or ["projector", "moca"], MoCa in float32,
   the full recipe, step and loss as its recipe). `build.embedded_model(path)` loads either kind;
 - resumable state every `checkpoint_every` steps in a scratch folder outside git
-  (`<cache root>/train/<recipe>/state.pt`: fp32 trainable state, optimizer, step, RNG, recipe). `train` resumes from it,
+  (`<cache root>/train/<recipe>/state.safetensors`, `mirlab.tiny.resume`: fp32 trainable state, optimizer,
+  step, RNG, recipe; safetensors + JSON, never unpickled). `train` resumes from it,
   and an interrupted run continues exactly as if it had not stopped.
 """
 from __future__ import annotations
@@ -59,14 +60,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from PIL import Image
 
 from mirlab import paths
+from mirlab.tiny import resume
 from mirlab.tiny.build import CONNECTORS, attach_moca, connector_kind, moca_rows, remove_moca, set_connector
 from mirlab.tiny.trainable import assign_state, freeze_all_but, named_state, save_state
 
 IGNORE = -100  # label of a position that is not a target
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
 TRAINED = ("projector",)  # the trainable-state names this stage trains (mirlab.tiny.trainable); + "moca" with MoCa
 CAPTIONS = ("detailed", "short")  # Recipe.captions
@@ -307,40 +310,34 @@ def scene_features(model, processor, n: int, seed: int = 0, split: str = "train"
     key = json.dumps({"n": n, "seed": seed, "split": split, "size": dataset.size, "captions": detailed,
                       "processor": processor.image_processor.to_dict(), "layer": model.config.vision_feature_layer,
                       "weights": float(tower.detach().double().sum())}, sort_keys=True, default=str)
-    path = scratch_dir() / f"features-{split}-{n}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    path = scratch_dir() / f"features-{split}-{n}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
     if cache and path.is_file():
-        return torch.load(path), styled, metadata
+        return load_file(str(path))["features"], styled, metadata
     features = image_features(model, processor, [s["image"] for s in scenes], progress=progress)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(features, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"features": features.contiguous()}, str(tmp))
+        os.replace(tmp, path)
     return features, styled, metadata
 
 
 # --- training ------------------------------------------------------------------------------------------------
 
 def _save_state(path: Path, model, optimizer, step: int, recipe: Recipe):
-    state = {"step": step, "recipe": dataclasses.asdict(recipe),
-             "trainable": {k: v.clone() for k, v in named_state(model, recipe.trained).items()},
-             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    """The resumable state (`mirlab.tiny.resume`: safetensors + JSON): trained tensors, optimizer, RNG, step, recipe."""
+    resume.save(path, named_state(model, recipe.trained), optimizer,
+                {"step": step, "recipe": dataclasses.asdict(recipe)})
 
 
 def _load_state(path: Path, model, optimizer, recipe: Recipe) -> int:
-    state = torch.load(path, weights_only=False)
-    if _saved_recipe(state["recipe"]) != recipe:
-        raise ValueError(f"{path} holds a run of a different recipe:\n  saved {state['recipe']}\n  asked {recipe}\n"
+    tensors, meta = resume.load(path, restore_rng=False)
+    if _saved_recipe(meta["recipe"]) != recipe:
+        raise ValueError(f"{path} holds a run of a different recipe:\n  saved {meta['recipe']}\n  asked {recipe}\n"
                          f"delete {path.parent} to start over, or use another recipe name")
-    if "trainable" in state:
-        assign_state(model, state["trainable"], recipe.trained, source=str(path))
-    else:  # a state written before trainable.py: the projector's own tensor names
-        assign_state(model, {f"projector.{k}": v for k, v in state["projector"].items()}, TRAINED, str(path))
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"]
+    assign_state(model, tensors, recipe.trained, source=str(path))
+    resume.load(path, optimizer)  # optimizer moments and the RNG, once the recipe is known to match
+    return meta["step"]
 
 
 def _saved_recipe(saved: dict) -> Recipe | None:

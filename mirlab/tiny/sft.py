@@ -19,7 +19,7 @@ AdamW, linear warmup then cosine decay (`pretrain.learning_rate`), the data orde
 (seeded permutations of the examples, one per epoch), the model in eval mode (no dropout) with gradients on.
 
 Files, all under the user cache (`mirlab.paths.cache_dir()/"sft"/<recipe>-<start>/`, never in git):
-- state.pt: resumable state every `checkpoint_every` steps (fp32 trainable tensors, AdamW moments, step, RNG,
+- state.safetensors: resumable state (`mirlab.tiny.resume`, never unpickled) every `checkpoint_every` steps (fp32 trainable tensors, AdamW moments, step, RNG,
   recipe, start); `train_sft` resumes from it and continues exactly as if it had not stopped;
 - log.csv: step, loss, lr, seconds (per step);
 - final.safetensors: the fine-tuned parts (`trainable.save_state`) with the recipe and the start: the language
@@ -44,13 +44,13 @@ from pathlib import Path
 import torch
 
 from mirlab import paths
-from mirlab.tiny import instruct, pretrain, trainable
+from mirlab.tiny import instruct, pretrain, resume, trainable
 
 LANGUAGE_MODEL, PROJECTOR, LM_HEAD, MOCA = "language_model", "projector", "lm_head", "moca"
 trainable.register(LANGUAGE_MODEL, lambda model: model.model.language_model)  # decoder + token embeddings
 trainable.register(LM_HEAD, lambda model: model.lm_head)  # trained only when not tied to the embeddings
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"
 LOG_FILE = "log.csv"
 FINAL_FILE = "final.safetensors"
 WEIGHTS_DTYPE = torch.float16  # final.safetensors stores the LLM and the projector so (MoCa: float32)
@@ -163,25 +163,21 @@ def answer_loss(model, features, input_ids, attention_mask, labels) -> torch.Ten
 # --- state ---------------------------------------------------------------------------------------------------
 
 def _save_state(path: Path, model, optimizer, step: int, recipe: SFTRecipe, start: dict, names):
-    state = {"step": step, "recipe": dataclasses.asdict(recipe), "start": start, "names": list(names),
-             "trainable": trainable.named_state(model, names), "optimizer": optimizer.state_dict(),
-             "torch_rng": torch.get_rng_state()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    """The resumable state (`mirlab.tiny.resume`: safetensors + JSON, never unpickled)."""
+    resume.save(path, trainable.named_state(model, names), optimizer,
+                {"step": step, "recipe": dataclasses.asdict(recipe), "start": start, "names": list(names)})
 
 
 def _load_state(path: Path, model, optimizer, recipe: SFTRecipe, start: dict, names) -> int:
-    state = torch.load(path, weights_only=False)
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["recipe"].items()}
-    if saved != dataclasses.asdict(recipe) or state["start"] != start or state["names"] != list(names):
-        raise ValueError(f"{path} holds another run:\n  saved {saved}, start {state['start']}, parts "
-                         f"{state['names']}\n  asked {dataclasses.asdict(recipe)}, start {start}, parts {names}\n"
+    tensors, meta = resume.load(path, restore_rng=False)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["recipe"].items()}
+    if saved != dataclasses.asdict(recipe) or meta["start"] != start or meta["names"] != list(names):
+        raise ValueError(f"{path} holds another run:\n  saved {saved}, start {meta['start']}, parts "
+                         f"{meta['names']}\n  asked {dataclasses.asdict(recipe)}, start {start}, parts {names}\n"
                          f"delete {path.parent} to start over, or use another recipe name")
-    trainable.assign_state(model, state["trainable"], names, source=str(path))
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"]
+    trainable.assign_state(model, tensors, names, source=str(path))
+    resume.load(path, optimizer)  # optimizer moments and the RNG, once the run is known to match
+    return meta["step"]
 
 
 def _record(recipe: SFTRecipe, start: dict, names, step: int, loss: float | None) -> dict:
@@ -205,7 +201,7 @@ def train_sft(model, processor, recipe: SFTRecipe, start: str, out_dir=None, sta
     start: the pre-training checkpoint the model was loaded with (a shipped name such as "final", "random",
     "lr2e-3/step-0020", or a file): recorded, with a digest of the trained parts as they are now, in the state,
     the log folder and final.safetensors. out_dir: log.csv and the final weights (default `run_dir`);
-    state_dir: state.pt (default `run_dir`). stop_after: stop (with a saved state) once this update index is
+    state_dir: state.safetensors (default `run_dir`). stop_after: stop (with a saved state) once this update index is
     reached, to simulate an interruption. data: (questions, features) instead of `training_data(...)`.
     Returns the step reached; final.safetensors is written when the run completes.
     """
