@@ -179,18 +179,17 @@ def test_the_final_file_holds_each_trained_tensor_once(which, request, scenes, q
     expected = ["language_model", "projector"] + ([] if which == "tied" else ["lm_head"])
     assert names == expected == record["names"]
     assert record["stage"] == "sft" and record["recipe"]["lr"] == 3e-3 and record["start"]["checkpoint"] == "random"
-    assert all(t.dtype == torch.float16 for t in tensors.values())
+    assert all(t.dtype == torch.float32 for t in tensors.values())
     head = [k for k in tensors if "lm_head" in k or "embed_tokens" in k]
     assert head == (["language_model.embed_tokens.weight"] if which == "tied"
                     else ["language_model.embed_tokens.weight", "lm_head.weight"])
-    # round trip: a fresh copy of the untrained model takes the file and equals the trained one in float16
+    # round trip: a fresh copy of the untrained model takes the file and equals the trained one exactly
     fresh = copy.deepcopy(request.getfixturevalue(which)[0])
     trainable.load_state(fresh, tmp_path / "out" / sft.FINAL_FILE)
     trained, loaded = model.state_dict(), fresh.state_dict()
-    stored = ("model.language_model.", "model.multi_modal_projector.", "lm_head.")
+    assert set(trained) == set(loaded)
     for key in trained:
-        expected = trained[key].half().float() if key.startswith(stored) else trained[key]  # the rest: untouched
-        torch.testing.assert_close(loaded[key], expected, atol=0, rtol=0)
+        assert torch.equal(loaded[key], trained[key]), key
 
 
 def test_moca_parameters_train_too(untied, scenes, questions, tmp_path):
@@ -214,7 +213,6 @@ def test_moca_parameters_train_too(untied, scenes, questions, tmp_path):
     assert names == ["language_model", "projector", "lm_head", "moca"]
     assert {k: t.dtype for k, t in tensors.items() if k.startswith("moca.")} == {
         "moca.scale": torch.float32, "moca.shift": torch.float32}
-    assert tensors["projector.linear_1.weight"].dtype == torch.float16
     torch.testing.assert_close(tensors["moca.scale"], handle.moca.scale.detach(), atol=0, rtol=0)
     handle.remove()
     plain = copy.deepcopy(untied[0])
@@ -308,7 +306,5 @@ def test_embedded_run_saves_reloads_and_answers_the_same(embedded_cache, tmp_pat
     features = _features(model, processor, test)
     ours, _ = benchmark.choice_logliks(model, processor, features, probe)
     again, _ = benchmark.choice_logliks(reloaded, processor, features, probe)
-    for a, b, q in zip(ours, again, probe):
-        assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, q["question"]
-        assert a.index(max(a)) == b.index(max(b)), q["question"]
+    assert again == ours  # float32 file: the reloaded model scores every choice exactly as the trained one
     assert reloaded.name_or_path.endswith(f"@sft:{tmp_path.name}")
