@@ -10,6 +10,12 @@ notebooks headless and turns those JSON files into tidy tables:
 
 ``mirlab course`` prints one line per notebook as it finishes (``notebook_line``: wall time, figures, up to
 three headline numbers).
+
+Three helpers the notebooks call, so that a class runs them as a course (docs/teaching.md):
+
+    use_threads(1)                 -> torch and the BLAS/OpenMP pools of numpy/scipy on one thread
+    hidden_state_cache("shared")   -> the on-disk hidden-state cache that notebooks 02, 04 and 05 share
+    check_answer("1.2", answer, expected, rel=0.05)  -> an exercise's check (raises on a wrong answer)
 """
 from __future__ import annotations
 
@@ -26,6 +32,90 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # the kernel's own log stops at errors: its "Kernel is running over TCP without encryption" warning (ipykernel's
 # IPKernelApp, printed on every start; the kernel only listens on localhost) would otherwise fill the terminal
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+
+
+SHARED_CACHE = "shared"
+
+
+def use_threads(threads: int | None) -> None:
+    """Run torch and the BLAS/OpenMP libraries behind numpy and scipy on ``threads`` threads (None: leave them).
+
+    On a machine that is busy with other work, threads that wait for each other spin and steal each other's
+    cores: on 2 busy cores a float64 ``eigvalsh`` of a 576 x 576 covariance took 4.5 s with torch's default 2
+    threads and 35 ms with one. One thread is the course default; ``None`` uses the machine's defaults.
+    numpy and scipy.linalg are imported first: a BLAS library loaded after the limit is set would keep its
+    default (scipy ships its own OpenBLAS, loaded only when scipy.linalg is imported).
+    """
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    import numpy  # noqa: F401  (load every BLAS the metrics use, so that the limit reaches them)
+    import scipy.linalg  # noqa: F401
+    import torch
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn, which mirlab requires
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)  # called, not entered: the limit stays for the rest of the session
+
+
+def hidden_state_cache(cache_dir: str | Path | None) -> Path | None:
+    """The ``cache_dir`` a course notebook passes to ``extract_hidden_states``.
+
+    ``"shared"`` (the notebooks' default) -> ``<mirlab cache root>/course/mirlab-<version>`` (the root is
+    ``paths.cache_dir()``: $MIRLAB_CACHE_DIR or ~/.cache/mirlab), one folder for notebooks 02, 04 and 05, so the
+    pairs they share are extracted once. Sharing is safe: every store sits under a key that hashes the model's
+    config and sampled weights, the processor, the pairs' image bytes and texts, and the extraction options
+    (``extract_hidden_states``), so other settings get a store of their own; the version folder keeps stores of
+    different mirlab releases apart. ``None`` -> None (a temporary folder, deleted after use); any other value
+    is the folder to use.
+    """
+    if cache_dir is None:
+        return None
+    if str(cache_dir) == SHARED_CACHE:
+        from mirlab import __version__
+        from mirlab.paths import cache_dir as cache_root
+
+        return cache_root() / "course" / f"mirlab-{__version__}"
+    return Path(cache_dir).expanduser()
+
+
+def _agrees(answer, expected, rel: float, abs_: float) -> bool:
+    if isinstance(expected, Mapping):
+        return (isinstance(answer, Mapping) and set(answer) == set(expected)
+                and all(_agrees(answer[k], expected[k], rel, abs_) for k in expected))
+    if isinstance(expected, (list, tuple)):
+        return (isinstance(answer, (list, tuple)) and len(answer) == len(expected)
+                and all(_agrees(a, e, rel, abs_) for a, e in zip(answer, expected)))
+    if isinstance(expected, str):
+        return isinstance(answer, str) and answer.strip().lower() == expected.strip().lower()
+    if isinstance(expected, bool) or isinstance(answer, bool):
+        return isinstance(answer, bool) and isinstance(expected, bool) and answer == expected
+    if isinstance(answer, str):  # "3" is not the number 3
+        return False
+    try:
+        answer, expected = float(answer), float(expected)
+    except (TypeError, ValueError):
+        return answer == expected
+    return math.isfinite(answer) and abs(answer - expected) <= max(rel * abs(expected), abs_)
+
+
+def check_answer(exercise: str, answer, expected, *, rel: float = 0.0, abs: float = 0.0) -> None:
+    """An exercise's check: compare ``answer`` with ``expected`` (computed independently in the check cell).
+
+    Numbers agree when ``|answer - expected| <= max(rel * |expected|, abs)`` (exact by default); lists, tuples
+    and dicts are compared entry by entry with the same rule; strings ignoring case and surrounding spaces (a
+    string never equals a number); booleans only with booleans. A right answer prints
+    ``exercise <name>: correct``; a wrong one raises AssertionError naming the exercise (the expected value is
+    not shown: it is the solution). ``answer=None`` prints ``exercise <name>: not answered yet``, so a student
+    copy whose solution cells were removed still runs to the end.
+    """
+    if answer is None:
+        print(f"exercise {exercise}: not answered yet")
+        return
+    if not _agrees(answer, expected, rel, abs):
+        raise AssertionError(f"exercise {exercise}: {answer!r} is not right yet, try again")
+    print(f"exercise {exercise}: correct")
 
 
 def course_notebooks(notebook_dir: str | Path = NOTEBOOK_DIR) -> list[Path]:

@@ -145,3 +145,126 @@ def test_course_writes_executed_notebooks_figures_and_a_results_table(tmp_path):
     saved = pd.read_csv(tmp_path / "out" / "results.csv")
     assert list(saved["notebook"]) == ["03_frechet_distance"] and saved["d"].iloc[0] == 12
     assert table["figures"].iloc[0] == len(pngs)
+
+
+# --- the course as a course: recaps, exercises whose checks fail on wrong answers, classroom helpers --------
+
+def exercise_cells(path) -> dict:
+    """{label: (answer cell, solution cell, check cell)} of a notebook's exercises, e.g. {"2.1": (...)}."""
+    import re
+
+    cells = nbformat.read(path, as_version=4).cells
+    found = {}
+    for i, cell in enumerate(cells):
+        heading = re.match(r"\*\*Exercise ([\d.]+)\.\*\*", cell.source) if cell.cell_type == "markdown" else None
+        if heading:
+            found[heading.group(1)] = tuple(cells[i + 1:i + 4])
+    return found
+
+
+def run_check(path, label, answers: dict) -> None:
+    """Execute one exercise's check cell alone (no notebook run) with `answers` as the student's variables."""
+    import numpy as np
+
+    from mirlab.course import check_answer
+
+    _, _, check = exercise_cells(path)[label]
+    exec(compile(check.source, f"{Path(path).name}: check of exercise {label}", "exec"),
+         {"np": np, "check_answer": check_answer, **answers})
+
+
+def notebook(stem: str) -> Path:
+    return next(p for p in NOTEBOOKS if p.stem.startswith(stem))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_ends_with_a_recap_and_two_to_four_checked_exercises(path):
+    nb = nbformat.read(path, as_version=4)
+    recap = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "## Recap" in c.source]
+    exercises = exercise_cells(path)
+    assert recap and 2 <= len(exercises) <= 4, f"{path.name}: recap {bool(recap)}, {len(exercises)} exercises"
+    first = min(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("**Exercise"))
+    assert recap[0] < first
+    for label, (answer, solution, check) in exercises.items():
+        assert [c.metadata.get("tags") for c in (answer, solution, check)] == [["answer"], ["solution"], ["check"]]
+        assert "None" in answer.source, f"{path.name} {label}: the student's cell should start unanswered"
+        assert f'check_answer("{label}' in check.source, f"{path.name} {label}: the check does not check"
+        assert any("correct" in o.get("text", "") for o in check.outputs), f"{path.name} {label}: check not passed"
+
+
+def test_an_exercise_check_fails_on_a_wrong_answer_and_passes_on_the_right_one(capsys):
+    # notebook 02, exercise 2.1 (the 3σ rule with many long rows), its check cell run on its own
+    right = {"flagged": {5: 5, 20: 0}, "largest_caught": 12}
+    run_check(notebook("02_"), "2.1", right)
+    assert capsys.readouterr().out.splitlines() == ["exercise 2.1: correct", "exercise 2.1 (largest): correct"]
+    with pytest.raises(AssertionError, match=r"exercise 2\.1: \{5: 5, 20: 20\} is not right"):
+        run_check(notebook("02_"), "2.1", {**right, "flagged": {5: 5, 20: 20}})  # "the rule catches them all"
+    with pytest.raises(AssertionError, match=r"exercise 2\.1 \(largest\)"):
+        run_check(notebook("02_"), "2.1", {**right, "largest_caught": 20})
+    # notebook 03, exercise 3.1 (a 1-D FD): the variances' difference instead of the standard deviations'
+    run_check(notebook("03_"), "3.1", {"fd_exercise": 8})
+    with pytest.raises(AssertionError, match="exercise 3.1"):
+        run_check(notebook("03_"), "3.1", {"fd_exercise": 4 + (9 - 1) ** 2})
+    # notebook 06, exercise 6.3 (the image-blind level): 1/4 is the tempting wrong answer
+    run_check(notebook("06_"), "6.3", {"blind_accuracy": 0.125})
+    with pytest.raises(AssertionError, match="exercise 6.3"):
+        run_check(notebook("06_"), "6.3", {"blind_accuracy": 0.25})
+
+
+def test_a_student_copy_without_solution_cells_runs_and_reports_unanswered(capsys):
+    answer, _, _ = exercise_cells(notebook("03_"))["3.1"]
+    student = {}
+    exec(answer.source, student)  # the student's cell as committed: the answer is None
+    run_check(notebook("03_"), "3.1", student)
+    assert capsys.readouterr().out.strip() == "exercise 3.1: not answered yet"
+
+
+def test_check_answer_compares_numbers_with_tolerance_and_containers_entry_by_entry(capsys):
+    from mirlab.course import check_answer
+
+    check_answer("a", 1.04, 1.0, rel=0.05)
+    check_answer("b", [1, 2.0], (1.0, 2.0))
+    check_answer("c", {"x": 3}, {"x": 3.0})
+    check_answer("d", " Falls", "falls")
+    check_answer("e", True, True)
+    assert capsys.readouterr().out.count("correct") == 5
+    for answer, expected, tolerance in [(1.06, 1.0, {"rel": 0.05}), (1.0 + 1e-9, 1.0, {}), ([1, 2], [1, 2, 3], {}),
+                                        ({"x": 3}, {"y": 3}, {}), ("rises", "falls", {}), (1, True, {}),
+                                        (float("nan"), 1.0, {"abs": 1.0}), ("3", 3, {})]:
+        with pytest.raises(AssertionError, match="exercise z"):
+            check_answer("z", answer, expected, **tolerance)
+
+
+def test_hidden_state_cache_is_shared_under_the_cache_root_and_versioned(monkeypatch, tmp_path):
+    from mirlab import __version__
+    from mirlab.course import hidden_state_cache
+
+    monkeypatch.setenv("MIRLAB_CACHE_DIR", str(tmp_path))
+    assert hidden_state_cache("shared") == tmp_path / "course" / f"mirlab-{__version__}"
+    assert hidden_state_cache(None) is None
+    assert hidden_state_cache(tmp_path / "mine") == tmp_path / "mine"
+    for stem in ("02_", "04_", "05_"):  # the three notebooks that extract the same pairs share it by default
+        parameters = nbformat.read(notebook(stem), as_version=4).cells[1].source
+        assert 'cache_dir = "shared"' in parameters and "threads = 1 " in parameters
+
+
+def test_use_threads_limits_torch_and_blas_and_refuses_nonsense():
+    import subprocess
+    import sys
+
+    from mirlab.course import use_threads
+
+    use_threads(None)  # leaves the machine's defaults
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads"):
+            use_threads(bad)
+    # in a fresh interpreter, so the limit does not leak into other tests; scipy.linalg (its own OpenBLAS) is
+    # imported only after the call, as the metrics do lazily, and must be limited too
+    code = ("import torch\nfrom threadpoolctl import threadpool_info\nfrom mirlab.course import use_threads\n"
+            "use_threads(1)\nimport scipy.linalg\n"
+            "pools = threadpool_info()\n"
+            "print(torch.get_num_threads(), sum(p['internal_api'] == 'openblas' for p in pools),"
+            " sorted({p['num_threads'] for p in pools}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    torch_threads, openblas_pools, limits = out.split(maxsplit=2)
+    assert torch_threads == "1" and int(openblas_pools) >= 2 and limits.strip() == "[1]"
