@@ -111,6 +111,49 @@ def test_only_the_answer_tokens_are_targets(tied, scenes, questions):
         assert processor.tokenizer.decode(ids[start:n - 1]) == q["answer"] + "<|im_end|>"
 
 
+def test_a_conversation_is_the_chat_template_with_every_answer_a_target(tied, scenes, questions):
+    model, processor = tied
+    features = _features(model, processor, scenes)
+    conversation = [q for q in questions if q["scene"] == 1][:4]
+    assert len(conversation) == 4
+    _, input_ids, attention_mask, labels = sft.encode_batch(processor, features, [conversation, questions[:1]])
+    messages = []
+    for k, q in enumerate(conversation):
+        messages += [instruct.user_message(q["question"], image=k == 0),
+                     {"role": "assistant", "content": [{"type": "text", "text": q["answer"]}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    ids = processor(images=[scenes[1]["image"]], text=[text])["input_ids"][0]
+    assert input_ids[0, :len(ids)].tolist() == ids and attention_mask[0].sum() == len(ids)
+    # the targets, read back: each answer followed by the end-of-turn token, nothing else
+    targets = [t for t in labels[0].tolist() if t != IGNORE]
+    assert processor.tokenizer.decode(targets) == "".join(q["answer"] + "<|im_end|>" for q in conversation)
+    image_id = model.config.image_token_id
+    assert (input_ids[0] == image_id).sum() == instruct.image_token_count(processor)  # one image, first turn
+    # a one-question conversation is exactly the single-turn encoding
+    single = instruct.encode_qa(processor, [questions[0]["question"]], [questions[0]["answer"]])
+    n = int(single[1].sum())
+    assert input_ids[1, :n].tolist() == single[0][0].tolist() and labels[1, :n].tolist() == single[2][0].tolist()
+
+
+def test_scene_conversations_hold_every_question_once_in_a_seeded_order(questions):
+    single = sft.conversations(questions, _recipe(turns="single"))
+    assert single == [[q] for q in questions]
+    grouped = sft.conversations(questions, _recipe(turns="scene"))
+    assert [c[0]["scene"] for c in grouped] == sorted({q["scene"] for q in questions})
+    assert all(len({q["scene"] for q in c}) == 1 for c in grouped)
+    assert sorted(id(q) for c in grouped for q in c) == sorted(id(q) for q in questions)
+    assert grouped == sft.conversations(questions, _recipe(turns="scene"))
+    assert grouped != sft.conversations(questions, _recipe(turns="scene", seed=5))
+
+
+def test_conversations_train(tied, scenes, questions, tmp_path):
+    model, processor = copy.deepcopy(tied[0]), tied[1]
+    recipe = _recipe(turns="scene", batch_size=2, steps=3)
+    assert _train(model, processor, scenes, questions, tmp_path, recipe) == 3
+    tensors, _, record = trainable.read_state(tmp_path / "out" / sft.FINAL_FILE)
+    assert record["recipe"]["turns"] == "scene"
+
+
 @pytest.mark.parametrize("which", ["tied", "untied"])
 def test_loss_equals_the_hugging_face_causal_lm_loss(which, request, scenes, questions):
     model, processor = request.getfixturevalue(which)
@@ -287,6 +330,7 @@ def test_cli_arguments_give_the_recipe():
     args = parser.parse_args(["--out", "x", "--lr", "2e-4", "--steps", "30", "--start", "lr2e-3/step-0020"])
     recipe = sft.recipe_from_args(args)
     assert recipe == SFTRecipe(lr=2e-4, steps=30) and args.start == "lr2e-3/step-0020"
+    assert sft.recipe_from_args(parser.parse_args(["--out", "x", "--turns", "scene"])).turns == "scene"
 
 
 # --- the embedded model ------------------------------------------------------------------------------------------

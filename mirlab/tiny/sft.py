@@ -6,6 +6,10 @@ kinds mixed, answers balanced per kind), each written as one chat turn by `instr
     <|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
     \\______________________________ prompt (never a target) __________________________/\\_ targets _/
 
+or, with turns="scene", all questions of a scene as one conversation (the image in the first user turn only,
+each answer a target), as LLaVA-1.5 groups the short questions about one image: the 64 image rows then run
+once per scene instead of once per question.
+
 Trained: the language model (every decoder weight, the norms and the token embeddings; SmolLM2's lm_head is
 tied to the embeddings, so it trains through them and is stored once), the projector, and MoCa when the model
 has one attached (`model.moca`) -- what the paper's SFT unfreezes. The vision tower stays frozen. The loss is the
@@ -42,10 +46,12 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mirlab import paths
 from mirlab.tiny import instruct, pretrain, resume, trainable
+from mirlab.tiny.pretrain import IGNORE
 
 LANGUAGE_MODEL, PROJECTOR, LM_HEAD, MOCA = "language_model", "projector", "lm_head", "moca"
 trainable.register(LANGUAGE_MODEL, lambda model: model.model.language_model)  # decoder + token embeddings
@@ -56,6 +62,7 @@ LOG_FILE = "log.csv"
 FINAL_FILE = "final.safetensors"
 WEIGHTS_DTYPE = torch.float32  # of final.safetensors; float16 changed a benchmark answer (see the docstring)
 RUNS_FOLDER = "sft"  # under paths.cache_dir()
+TURNS = ("single", "scene")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +78,7 @@ class SFTRecipe:
     train_scenes: int = 500  # instruction data: qa_dataset(train_scenes, "train", seed)
     trainable: tuple[str, ...] = (LANGUAGE_MODEL, PROJECTOR)  # + lm_head if untied, + moca if attached
     checkpoint_every: int = 25  # resumable state (about 1.6 GB for the embedded model)
+    turns: str = "single"  # "single": one question per example; "scene": a scene's questions, one conversation
 
     def __post_init__(self):
         object.__setattr__(self, "trainable", tuple(self.trainable))
@@ -85,6 +93,8 @@ class SFTRecipe:
         unknown = [n for n in self.trainable if n not in trainable.REGISTRY]
         if unknown or not self.trainable:
             raise ValueError(f"unknown trainable state names {unknown}; known: {sorted(trainable.REGISTRY)}")
+        if self.turns not in TURNS:
+            raise ValueError(f"turns must be one of {TURNS}, got {self.turns!r}")
 
 
 def tied_head(model) -> bool:
@@ -141,6 +151,26 @@ def training_data(model, processor, recipe: SFTRecipe, progress: bool = False):
     return questions, features
 
 
+def conversations(questions, recipe: SFTRecipe) -> list[list[dict]]:
+    """The training examples, each a list of questions asked in one conversation about one scene.
+
+    turns "single": every question alone, in qa_dataset's order. turns "scene": every question of a scene in one
+    conversation (LLaVA-1.5 groups the short VQA questions of an image so), scenes in index order, the questions
+    of scene i in the order of permutation numpy default_rng([seed, i]) -- so each kind also comes first.
+    """
+    if recipe.turns == "single":
+        return [[q] for q in questions]
+    by_scene: dict[int, list[dict]] = {}
+    for q in questions:
+        by_scene.setdefault(int(q["scene"]), []).append(q)
+    out = []
+    for scene in sorted(by_scene):
+        asked = by_scene[scene]
+        order = np.random.default_rng([recipe.seed, scene]).permutation(len(asked))
+        out.append([asked[i] for i in order])
+    return out
+
+
 def example_indices(step: int, recipe: SFTRecipe, n_examples: int) -> list[int]:
     """Indices of the examples of update `step` (1-based): pre-training's order (`pretrain.batch_indices`,
     seeded permutations, one per epoch) over the n_examples instruction examples."""
@@ -148,11 +178,57 @@ def example_indices(step: int, recipe: SFTRecipe, n_examples: int) -> list[int]:
     return pretrain.batch_indices(step, order)
 
 
-def encode_batch(processor, features, questions):
-    """(features of each question's scene, input_ids, attention_mask, labels) for a list of questions."""
-    input_ids, attention_mask, labels = instruct.encode_qa(processor, [q["question"] for q in questions],
-                                                           [q["answer"] for q in questions])
-    return features[[int(q["scene"]) for q in questions]], input_ids, attention_mask, labels
+def conversation_ids(processor, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation of (question, answer) turns, the image in the first user turn only.
+
+    Turn k adds what the chat template writes between the previous answer's end and the assistant header of
+    turn k (IGNORE), then the answer and its end-of-turn token (targets), then the rest of the end of turn
+    (IGNORE). A single turn gives exactly `instruct.encode_qa`'s row; the text is the template's (checked).
+    """
+    tokenizer = processor.tokenizer
+    messages, ids, labels, written = [], [], [], ""
+    for k, (question, answer) in enumerate(turns):
+        messages.append(instruct.user_message(question, image=k == 0))
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not prompt.startswith(written):
+            raise ValueError("the chat template rewrites earlier turns when a turn is added: cannot encode "
+                             "multi-turn conversations with it")
+        head = (instruct.prompt_ids(processor, question) if k == 0
+                else tokenizer(prompt[len(written):], add_special_tokens=False)["input_ids"])
+        body, rest = instruct.answer_ids(processor, answer)
+        ids += head + body + rest
+        labels += [IGNORE] * len(head) + body + [IGNORE] * len(rest)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        written = processor.apply_chat_template(messages, tokenize=False)
+        if written != prompt + answer + instruct.end_of_turn(processor):
+            raise ValueError(f"the chat template does not write turn {k + 1} as prompt + answer + end of turn")
+    return ids, labels
+
+
+def encode_conversations(processor, examples: list[list[dict]]):
+    """(input_ids, attention_mask, labels), right-padded, one conversation (list of questions) per row."""
+    rows = [conversation_ids(processor, [(q["question"], q["answer"]) for q in example]) for example in examples]
+    length = max(len(ids) for ids, _ in rows)
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids, _ in rows])
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [IGNORE] * (length - len(lab)) for _, lab in rows])
+    return input_ids, attention_mask, labels
+
+
+def encode_batch(processor, features, examples):
+    """(features of each example's scene, input_ids, attention_mask, labels) for a list of examples, each a
+    question dict or a list of questions about one scene (a conversation). Single questions: `instruct.encode_qa`."""
+    examples = [e if isinstance(e, list) else [e] for e in examples]
+    scenes = [{int(q["scene"]) for q in e} for e in examples]
+    if any(len(s) != 1 for s in scenes):
+        raise ValueError("every question of a conversation must be about the same scene")
+    if all(len(e) == 1 for e in examples):
+        tensors = instruct.encode_qa(processor, [e[0]["question"] for e in examples],
+                                     [e[0]["answer"] for e in examples])
+    else:
+        tensors = encode_conversations(processor, examples)
+    return (features[[s.pop() for s in scenes]], *tensors)
 
 
 def answer_loss(model, features, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -219,6 +295,7 @@ def train_sft(model, processor, recipe: SFTRecipe, start: str, out_dir=None, sta
     if top >= len(features):
         raise ValueError(f"a question is about scene {top} but the features hold {len(features)} scenes")
 
+    examples = conversations(questions, recipe)
     names = trained_names(model, recipe)
     start_info = {"checkpoint": str(start), "digest": state_digest(model, names)}
     model.eval()
@@ -237,7 +314,7 @@ def train_sft(model, processor, recipe: SFTRecipe, start: str, out_dir=None, sta
         lr = pretrain.learning_rate(step, recipe)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [questions[i] for i in example_indices(step, recipe, len(questions))]
+        batch = [examples[i] for i in example_indices(step, recipe, len(examples))]
         loss = answer_loss(model, *encode_batch(processor, features, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -309,6 +386,8 @@ def add_arguments(parser):
                         help="training scenes (split 'train'); one question per kind per scene, balanced")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                         help="save the resumable state every K steps")
+    parser.add_argument("--turns", choices=TURNS, default=defaults.turns,
+                        help="single: one question per example; scene: all questions of a scene in one conversation")
     parser.add_argument("--state-dir", default=None, help="resumable state folder (default: the run folder)")
     parser.add_argument("--scenes", type=int, default=500, help="benchmark: held-out scenes to draw from")
     parser.add_argument("--per-kind", type=int, default=100, help="benchmark: balanced questions per kind")
@@ -322,7 +401,7 @@ def add_arguments(parser):
 def recipe_from_args(args) -> SFTRecipe:
     return SFTRecipe(name=args.name, lr=args.lr, steps=args.steps, batch_size=args.batch_size, warmup=args.warmup,
                      weight_decay=args.weight_decay, seed=args.seed, train_scenes=args.train_scenes,
-                     checkpoint_every=args.checkpoint_every)
+                     checkpoint_every=args.checkpoint_every, turns=args.turns)
 
 
 def main(args) -> int:
