@@ -325,3 +325,11 @@ def test_outputs_and_cli_arguments(chatml, features, tmp_path):
 def test_benchmark_questions_fit_the_default_scene_count():
     questions = scene_qa.qa_dataset(500, split="test", seed=0, per_kind=100)
     assert len(questions) == 600 and {q["kind"] for q in questions} == set(scene_qa.KINDS)
+
+
+def test_val_split_also_has_600_balanced_questions_and_train_is_refused(chatml):
+    questions = scene_qa.qa_dataset(500, split="val", seed=0, per_kind=100)
+    assert len(questions) == 600 and {q["kind"] for q in questions} == set(scene_qa.KINDS)
+    model, processor = chatml
+    with pytest.raises(ValueError, match="'train'"):
+        benchmark.benchmark(model, processor, split="train")

@@ -397,19 +397,23 @@ def combined_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def benchmark(model, processor, n_scenes: int = 500, seed: int = 0, per_kind: int | None = 100,
               blind=BLIND_MODES, generation: bool = True, batch_size: int = 16, rank_by: str = "sum",
-              progress: bool = False) -> dict[str, pd.DataFrame]:
-    """Score `model` on qa_dataset(n_scenes, "test", seed, per_kind) with the image, each blind mode, and by
+              progress: bool = False, split: str = "test") -> dict[str, pd.DataFrame]:
+    """Score `model` on qa_dataset(n_scenes, split, seed, per_kind) with the image, each blind mode, and by
     free generation. Returns {"image", <each blind mode>, "generation"?: per-question tables, "summary": per kind
     with visual gains (combined_summary), "timing": seconds per part}.
 
     500 test scenes are enough for 100 balanced questions of every kind (600 questions, ~160 distinct scenes).
+    split "val" (scenes disjoint from train and test) is for choosing a recipe; "test" is for reporting.
     """
     for mode in blind:
         _blind_check(mode)
+    if split not in ("val", "test"):
+        raise ValueError(f"benchmark split must be 'val' or 'test' (never the instruction data's 'train'), "
+                         f"got {split!r}")
     timing = []
     start = time.perf_counter()
-    questions = scene_qa.qa_dataset(n_scenes, split="test", seed=seed, per_kind=per_kind)
-    features, _, _ = pretrain.scene_features(model, processor, n_scenes, seed=seed, split="test",
+    questions = scene_qa.qa_dataset(n_scenes, split=split, seed=seed, per_kind=per_kind)
+    features, _, _ = pretrain.scene_features(model, processor, n_scenes, seed=seed, split=split,
                                              progress=progress)
     timing.append({"part": "questions and image features", "seconds": time.perf_counter() - start})
     tables = {}

@@ -316,7 +316,7 @@ def scene_features(model, processor, n: int, seed: int = 0, split: str = "train"
     features = image_features(model, processor, [s["image"] for s in scenes], progress=progress)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent runs never share one
         save_file({"features": features.contiguous()}, str(tmp))
         os.replace(tmp, path)
     return features, styled, metadata
