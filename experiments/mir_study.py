@@ -12,6 +12,9 @@ output exists:
     measure    `mir_vs_sft.measure_mir` (MIR exact + official-fast, prose and captions, N = 100, per-layer norm
                ratio) and `measure_captioning` (retrieval accuracy, held-out caption loss) of that checkpoint
                -> data/study/pretrained.csv (one row per start) and data/study/mir_per_layer.csv
+    probes     `mir_vs_sft.measure_probes` (row probes per layer on the captions side, N = 100, and the visual
+               dependence; a secondary analysis added before any SFT result existed)
+               -> data/study/probes.csv (one row per start) and data/study/probes_per_layer.csv
     sft        `sft.train_sft` with the one SFT recipe of data/study/sft_recipe.json (fixed before the first study
                SFT; the script refuses to run if the file is missing) -> <cache>/sft/<recipe>-<start>/final.safetensors;
                its resumable state (1.6 GB) is deleted once the run is complete
@@ -42,7 +45,7 @@ from mirlab.tiny.build import checkpoint_path, embedded_model
 
 OUT = paths.data_dir() / "study"
 SFT_RECIPE_FILE = OUT / "sft_recipe.json"
-STAGES = ("pretrain", "measure", "sft", "benchmark")
+STAGES = ("pretrain", "measure", "probes", "sft", "benchmark")
 
 
 def cpu_seconds() -> float:
@@ -111,8 +114,8 @@ def sft_dir(item: dict, recipe: sft.SFTRecipe) -> Path:
 def done(item: dict, stage: str, sft_recipe: sft.SFTRecipe | None) -> bool:
     if stage == "pretrain":
         return item["shipped"] is not None or checkpoint_file(item).is_file()
-    if stage == "measure":
-        table = read_csv(OUT / "pretrained.csv")
+    if stage in ("measure", "probes"):
+        table = read_csv(OUT / ("pretrained.csv" if stage == "measure" else "probes.csv"))
         return len(table) > 0 and item["start"] in set(table["start"])
     if stage == "sft":
         table = read_csv(OUT / "benchmark.csv")  # a benchmarked start needs no SFT weights any more
@@ -163,6 +166,16 @@ def run_measure(item: dict, progress: bool) -> None:
     append_rows(OUT / "pretrained.csv", pd.DataFrame([row]), "start", item["start"])
     print(f"  MIR exact prose {row['mir_exact_prose']:.4f}, captions {row['mir_exact_captions']:.4f}; "
           f"retrieval {row['retrieval_accuracy']:.3f}", flush=True)
+
+
+def run_probes(item: dict, progress: bool) -> None:
+    model, processor = embedded_model(checkpoint_file(item))
+    row, layers = study.measure_probes(model, processor, progress=progress)
+    layers.insert(0, "start", item["start"])
+    append_rows(OUT / "probes_per_layer.csv", layers, "start", item["start"])
+    append_rows(OUT / "probes.csv", pd.DataFrame([{"start": item["start"], **row}]), "start", item["start"])
+    print(f"  norm ratio layer 1 {row['norm_ratio_layer1']:.3f}, CKA mean {row['cka_mean']:.3f}, "
+          f"visual dependence {row['visual_dependence']:.2f} nats", flush=True)
 
 
 def run_sft(item: dict, recipe: sft.SFTRecipe, progress: bool) -> None:
@@ -221,6 +234,8 @@ def main(argv=None) -> int:
                 run_pretrain(item, progress)
             elif stage == "measure":
                 run_measure(item, progress)
+            elif stage == "probes":
+                run_probes(item, progress)
             elif stage == "sft":
                 run_sft(item, sft_recipe, progress)
             else:

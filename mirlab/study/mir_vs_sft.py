@@ -7,6 +7,7 @@ this module is that plan as code, plus the measurements and the pre-registered a
     TRAJECTORY               the lr2e-3 checkpoints SFT also starts from (the paper's Fig. 4)
     eval_pairs(text)         the fixed MIR evaluation set: 100 held-out images with prose or their captions
     measure_pretrained(...)  MIR exact + official-fast on both text sides, per-layer norm ratio, retrieval, losses
+    measure_probes(...)      the row probes per layer and the visual dependence (secondary, docs/study-plan.md)
     spearman_interval(x, y)  Spearman rho with a percentile bootstrap interval over configurations
     predictor_table(...)     the primary test and the competing predictors (plan, "Analysis" 1-2)
     noise_floor(...)         between-seed differences of the seed pairs (plan, "Analysis" 3)
@@ -110,7 +111,7 @@ def configs_table() -> pd.DataFrame:
 def eval_pairs(text: str, n: int = N_EVAL, seed: int = EVAL_SEED):
     """(images, texts) of the fixed MIR evaluation set: `sample_pairs(n, seed, text)` -- the 15 bundled photos
     and held-out test-split scenes; text="prose" pairs each image with an unrelated passage (the paper's
-    default), text="captions" with its own caption. Both sides hold the same images."""
+    default), text="captions" with its own caption. Both sides hold the same images (in a different order)."""
     from mirlab.pairs.samples import sample_pairs
 
     pairs = sample_pairs(n, seed=seed, text=text)
@@ -130,7 +131,7 @@ def norm_ratio_per_layer(states) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def measure_mir(model, processor, batch_size: int = 8, progress: bool = False):
+def measure_mir(model, processor, batch_size: int = 8, progress: bool = False, n: int = N_EVAL):
     """MIR exact and official-fast on both text sides of the evaluation set (one extraction per side).
 
     Returns (row: {mir_exact_prose, mir_official_fast_prose, mir_exact_captions, ...}, per-layer table:
@@ -140,7 +141,7 @@ def measure_mir(model, processor, batch_size: int = 8, progress: bool = False):
 
     row, tables = {}, []
     for text in TEXT_SIDES:
-        images, texts = eval_pairs(text)
+        images, texts = eval_pairs(text, n)
         states = extract_hidden_states(model, processor, images, texts, batch_size=batch_size, progress=progress)
         exact = compute_mir(states, method="exact")
         fast = compute_mir(states, method="official-fast")
@@ -167,12 +168,43 @@ def measure_captioning(model, processor, n_scenes: int = 100, seed: int = 0, k: 
             "heldout_caption_loss": summary["heldout_caption_loss"]}
 
 
+def measure_probes(model, processor, batch_size: int = 8, progress: bool = False, n: int = N_EVAL):
+    """The probes beside MIR on the captions side of the evaluation set (pairs, so the alignment probes exist).
+
+    One extraction: every row probe per layer (`metrics.probes.compute_probes`: norm ratio, modality gap and
+    mean cosine, effective rank / participation ratio, CKA and mutual kNN with their shuffled baselines); then
+    the visual dependence per pair (`lvlm.probes.visual_dependence`, blank image; two more forward passes).
+    Returns (row: per-start summary -- layer means of the probes, layer-1 norm ratio, visual dependence mean and
+    standard error in nats --, per-layer table: layer and the probe columns)."""
+    from mirlab.lvlm.extract import extract_hidden_states
+    from mirlab.lvlm.probes import visual_dependence, visual_dependence_summary
+    from mirlab.metrics.probes import compute_probes
+
+    images, texts = eval_pairs("captions", n)
+    states = extract_hidden_states(model, processor, images, texts, batch_size=batch_size, progress=progress)
+    layers = compute_probes(states, pairs_info=states.samples)
+    del states
+    dependence = visual_dependence_summary(visual_dependence(model, processor, images, texts,
+                                                             batch_size=batch_size, progress=progress))
+    row = {"norm_ratio_layer1": float(layers.loc[layers["layer"] == 1, "norm_ratio"].iloc[0])}
+    for column in PROBE_SUMMARY_COLUMNS:
+        row[f"{column}_mean"] = float(layers[column].mean())
+    row["visual_dependence"] = dependence["mean"]
+    row["visual_dependence_sem"] = dependence["sem"]
+    return row, layers
+
+
+PROBE_SUMMARY_COLUMNS = ("norm_ratio", "modality_gap", "mean_cosine", "image_effective_rank",
+                         "text_effective_rank", "cka", "cka_shuffled", "mutual_knn", "mutual_knn_shuffled")
+
+
 # --- the pre-registered analysis ----------------------------------------------------------------------------
 
 def spearman_interval(x, y, n_boot: int = 10_000, seed: int = 0, confidence: float = 0.95) -> dict:
     """Spearman rho of (x, y) with a percentile bootstrap interval from resampling the points (configurations).
 
-    Replicates where either resampled variable is constant (rho undefined) are dropped and counted.
+    Points where x or y is NaN are left out (n counts the complete points). Replicates where either resampled
+    variable is constant (rho undefined) are dropped and counted. A constant x or y is an error.
     Returns {rho, low, high, n, n_boot_used, p} (p: scipy's two-sided test, for reference only)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
@@ -182,6 +214,11 @@ def spearman_interval(x, y, n_boot: int = 10_000, seed: int = 0, confidence: flo
     n = len(x)
     if n < 3:
         raise ValueError(f"need at least 3 complete points for a rank correlation, got {n}")
+    for name, values in (("x", x), ("y", y)):
+        if np.ptp(values) == 0:
+            raise ValueError(f"{name} is constant over the {n} complete points: rho is undefined")
+    if n_boot < 1 or not 0 < confidence < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot} and {confidence}")
     result = stats.spearmanr(x, y)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(n_boot, n))
@@ -192,6 +229,8 @@ def spearman_interval(x, y, n_boot: int = 10_000, seed: int = 0, confidence: flo
             continue
         replicates.append(stats.spearmanr(xs, ys).statistic)
     replicates = np.asarray(replicates)
+    if len(replicates) == 0:
+        raise ValueError(f"all {n_boot} bootstrap replicates were constant in x or y: no interval")
     low, high = np.quantile(replicates, [(1 - confidence) / 2, (1 + confidence) / 2])
     return {"rho": float(result.statistic), "low": float(low), "high": float(high), "n": n,
             "n_boot_used": int(len(replicates)), "p": float(result.pvalue)}
@@ -207,6 +246,10 @@ def predictor_table(table: pd.DataFrame, score: str = "sft_average", configs=PRI
 
     table: one row per configuration (column "config"), with the predictor columns and `score`. The primary
     test is the first row (MIR exact on prose): "reproduces in miniature" iff rho < 0 and high < 0."""
+    absent = [c for c in ("config", score) if c not in table]
+    if absent or not any(p in table for p in PREDICTORS):
+        raise ValueError(f"predictor_table needs the columns 'config', {score!r} and at least one of {PREDICTORS}; "
+                         f"the table has {list(table.columns)}")
     rows = table[table["config"].isin(configs)]
     missing = sorted(set(configs) - set(rows["config"]))
     out = []
