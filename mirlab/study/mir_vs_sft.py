@@ -198,6 +198,80 @@ PROBE_SUMMARY_COLUMNS = ("norm_ratio", "modality_gap", "mean_cosine", "image_eff
                          "text_effective_rank", "cka", "cka_shuffled", "mutual_knn", "mutual_knn_shuffled")
 
 
+# --- the landed tables ---------------------------------------------------------------------------------------
+
+RESULT_FILES = {"pretrained": "pretrained.csv", "probes": "probes.csv", "benchmark": "benchmark.csv",
+                "per_layer": "mir_per_layer.csv", "probes_per_layer": "probes_per_layer.csv",
+                "cpu_time": "cpu_time.csv", "sft_recipe_search": "sft_recipe_search.csv"}
+
+
+def results_dir():
+    """data/study/ under the data folder (`paths.data_dir()`): where experiments/mir_study.py writes."""
+    from mirlab import paths
+
+    return paths.data_dir() / "study"
+
+
+def read_result(name: str, folder=None) -> pd.DataFrame:
+    """One landed table of the study (RESULT_FILES), empty if it has not landed yet."""
+    from pathlib import Path
+
+    if name not in RESULT_FILES:
+        raise ValueError(f"name must be one of {tuple(RESULT_FILES)}, got {name!r}")
+    path = Path(folder if folder is not None else results_dir()) / RESULT_FILES[name]
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def starts_table() -> pd.DataFrame:
+    """Every SFT start of the plan in run order: the 13 configurations (start = config name), then the
+    trajectory checkpoints of config 1 (axis "trajectory", step from the name; config 1 itself is step 250)."""
+    rows = [{"start": c.name, "config": c.name, "number": c.number, "axis": c.axis,
+             "step": c.recipe.steps if c.name == "lr2e-3" else None} for c in CONFIGS]
+    for name in TRAJECTORY:
+        rows.append({"start": name, "config": "lr2e-3", "number": 1, "axis": "trajectory",
+                     "step": int(name.rpartition("step-")[2])})
+    return pd.DataFrame(rows)
+
+
+def macro_standard_error(per_kind: pd.DataFrame) -> float:
+    """Standard error of a macro average of K per-kind accuracies p_k on n_k questions each:
+    sqrt(sum_k p_k (1 - p_k) / n_k) / K (binomial, kinds independent)."""
+    p, n = per_kind["accuracy"].to_numpy(float), per_kind["n"].to_numpy(float)
+    return float(np.sqrt(np.sum(p * (1 - p) / n)) / len(p))
+
+
+def load_results(folder=None) -> pd.DataFrame:
+    """One row per start (`starts_table`) with every measure that has landed, NaN where not yet:
+
+    pretrained.csv   mir_exact_prose, mir_official_fast_prose, mir_exact_captions, ..., train_loss,
+                     retrieval_accuracy, heldout_caption_loss
+    probes.csv       norm_ratio_layer1, <probe>_mean, visual_dependence (secondary)
+    benchmark.csv    sft_average (macro accuracy over kinds, the post-SFT score), sft_average_se
+                     (`macro_standard_error`), sft_blank (blank-image accuracy), sft_visual_gain, and
+                     sft_<kind> per question kind
+    """
+    out = starts_table()
+    pretrained = read_result("pretrained", folder)
+    if len(pretrained):
+        out = out.merge(pretrained.drop(columns=["config", "axis"], errors="ignore"), on="start", how="left")
+    probes = read_result("probes", folder)
+    if len(probes):
+        out = out.merge(probes, on="start", how="left")
+    bench = read_result("benchmark", folder)
+    if len(bench):
+        rows = []
+        for start, part in bench.groupby("start", sort=False):
+            kinds = part[part["kind"] != "average"]
+            average = part[part["kind"] == "average"].iloc[0]
+            rows.append({"start": start, "sft_average": float(average["accuracy"]),
+                         "sft_average_se": macro_standard_error(kinds),
+                         "sft_blank": float(average["blank_accuracy"]),
+                         "sft_visual_gain": float(average["visual_gain_blank"]),
+                         **{f"sft_{k}": float(a) for k, a in zip(kinds["kind"], kinds["accuracy"])}})
+        out = out.merge(pd.DataFrame(rows), on="start", how="left")
+    return out
+
+
 # --- the pre-registered analysis ----------------------------------------------------------------------------
 
 def spearman_interval(x, y, n_boot: int = 10_000, seed: int = 0, confidence: float = 0.95) -> dict:
