@@ -17,7 +17,9 @@ output exists:
                -> data/study/probes.csv (one row per start) and data/study/probes_per_layer.csv
     sft        `sft.train_sft` with the one SFT recipe of data/study/sft_recipe.json (fixed before the first study
                SFT; the script refuses to run if the file is missing) -> <cache>/sft/<recipe>-<start>/final.safetensors;
-               its resumable state (1.6 GB) is deleted once the run is complete
+               its resumable state (1.6 GB) is deleted once the run is complete; a finished run of the same recipe from the same
+               trained tensors (`identical_run`, e.g. the recipe search's run from `final` = lr2e-3/step-0250) is
+               copied instead of repeated
     benchmark  `benchmark.benchmark` (600 held-out questions, with the image and with a blank image; no free
                generation) of the fine-tuned model -> data/study/benchmark.csv (tidy: start, kind, ...)
 
@@ -178,8 +180,35 @@ def run_probes(item: dict, progress: bool) -> None:
           f"visual dependence {row['visual_dependence']:.2f} nats", flush=True)
 
 
+def identical_run(model, recipe: sft.SFTRecipe) -> Path | None:
+    """A finished SFT run of the same recipe whose start had exactly the trained tensors `model` has now (same
+    state digest): the same computation as the run about to start, e.g. the recipe search's run from `final`,
+    whose tensors are those of lr2e-3/step-0250. None if there is none."""
+    from mirlab.tiny import trainable
+
+    digest = sft.state_digest(model, sft.trained_names(model, recipe))
+    for folder in sorted((paths.cache_dir() / sft.RUNS_FOLDER).glob("*")):
+        file = folder / sft.FINAL_FILE
+        if not file.is_file():
+            continue
+        record = trainable.read_state(file)[2]
+        if (record.get("stage") == "sft" and record.get("start", {}).get("digest") == digest
+                and sft.SFTRecipe(**record["recipe"]) == recipe):
+            return folder
+    return None
+
+
 def run_sft(item: dict, recipe: sft.SFTRecipe, progress: bool) -> None:
     model, processor = embedded_model(checkpoint_file(item))
+    same = identical_run(model, recipe)
+    if same is not None:  # reuse it rather than repeat it (recorded in the log line)
+        target = sft_dir(item, recipe)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (sft.FINAL_FILE, sft.LOG_FILE):
+            shutil.copyfile(same / name, target / name)
+        (target / "reused_from.txt").write_text(f"{same}\n")
+        print(f"  the same recipe from the same tensors already ran: reused {same}", flush=True)
+        return
     step = sft.train_sft(model, processor, recipe, start=item["start"], progress=progress)
     if step == recipe.steps:
         state = sft_dir(item, recipe) / sft.STATE_FILE

@@ -352,3 +352,24 @@ def test_embedded_run_saves_reloads_and_answers_the_same(embedded_cache, tmp_pat
     again, _ = benchmark.choice_logliks(reloaded, processor, features, probe)
     assert again == ours  # float32 file: the reloaded model scores every choice exactly as the trained one
     assert reloaded.name_or_path.endswith(f"@sft:{tmp_path.name}")
+
+
+def test_the_study_reuses_a_finished_run_only_for_the_same_recipe_from_the_same_tensors(tied, scenes, questions,
+                                                                                      monkeypatch, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "mir_study", Path(__file__).resolve().parents[1] / "experiments" / "mir_study.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    monkeypatch.setenv("MIRLAB_CACHE_DIR", str(tmp_path))
+    model, processor = copy.deepcopy(tied[0]), tied[1]
+    untouched = copy.deepcopy(model)
+    recipe = _recipe()
+    assert driver.identical_run(untouched, recipe) is None  # nothing has run yet
+    data = (questions, _features(model, processor, scenes))
+    sft.train_sft(model, processor, recipe, "random", progress=False, data=data)
+    assert driver.identical_run(untouched, recipe) == sft.run_dir(recipe, "random")
+    assert driver.identical_run(untouched, _recipe(lr=1e-3)) is None  # another recipe
+    assert driver.identical_run(model, recipe) is None  # other tensors (the fine-tuned ones)
