@@ -556,3 +556,41 @@ def test_driver_refuses_sft_without_the_recipe_file(data_dir):
     assert done.returncode != 0
     assert str(data_dir / "study" / "sft_recipe.json") in done.stderr + done.stdout
     assert list((data_dir / "study").iterdir()) == []  # refused before writing anything
+
+
+def test_benchmark_script_refuses_sft_models_without_the_recipe_file(data_dir):
+    env = {**os.environ, "MIRLAB_DATA_DIR": str(data_dir), "MIRLAB_CACHE_DIR": str(data_dir.parent / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "benchmark_sft.py"), "--only", "SFT from final"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert str(data_dir / "study" / "sft_recipe.json") in done.stderr + done.stdout
+    assert not (data_dir / "sft").exists()
+
+
+def _search_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sft_recipe_search",
+                                                  ROOT / "experiments" / "sft_recipe_search.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    return module
+
+
+def test_recipe_search_picks_the_best_val_average_and_breaks_ties_towards_the_cheaper_candidate():
+    search = _search_module()
+    names = list(search.CANDIDATES)
+
+    def table(averages):
+        return pd.DataFrame({"candidate": names, "kind": "average", "accuracy": averages})
+
+    assert search.select(table([0.40, 0.47, 0.49])) == names[2]
+    assert search.select(table([0.40, 0.486, 0.49])) == names[1]  # within the tie margin of the best: cheaper wins
+    assert search.select(table([0.49, 0.49, 0.49])) == names[0]
+    with pytest.raises(SystemExit, match="not scored yet"):
+        search.select(table([0.4, 0.5, 0.6]).iloc[:2])
