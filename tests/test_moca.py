@@ -1,4 +1,6 @@
-"""MoCa (mirlab.lvlm.moca) on the tiny random models of every family (tests/tiny_models.py).
+"""MoCa (mirlab.lvlm.moca) on the tiny random models of every family mirlab extracts from (tests/tiny_models.py,
+tests/tiny_models_more.py, tests/tiny_models_fusion.py; Mllama, refused for extraction, is refused by attach too:
+tests/test_families.py).
 
 References are independent of the module: the image rows are recomputed here as ``input_ids == image id`` on
 non-pad positions, the transform ``u ⊙ h + v`` is written out by hand, and a layer's raw output (before MoCa)
@@ -14,10 +16,23 @@ import torch
 
 from mirlab import extract_hidden_states
 from mirlab.lvlm.extract import forward_hidden_states, model_inputs
-from mirlab.lvlm.models import render_prompt
+from mirlab.lvlm.models import render_prompt, same_size_batches
 from mirlab.lvlm.moca import FORMAT, MoCa, attach, decoder_layers
 from test_extract import family_pairs
-from tiny_models import FAMILIES, LAYERS, build, single_thread
+from tiny_models import LAYERS, single_thread
+import tiny_models
+import tiny_models_fusion
+import tiny_models_more
+
+# every family mirlab extracts from, by name -> the builder file that has it (Mllama: cross-attention, refused)
+BUILDERS = {**{name: tiny_models.build for name in tiny_models.FAMILIES},
+            **{name: tiny_models_more.build for name in tiny_models_more.FAMILIES},
+            **{name: tiny_models_fusion.build for name in tiny_models_fusion.FAMILIES if name != "mllama"}}
+FAMILIES = list(BUILDERS)
+
+
+def build(family):
+    return BUILDERS[family](family)
 
 # PaliGemma's processor builds its labels with np.array(torch tensor), which numpy 2 flags; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -70,8 +85,14 @@ def image_rows(tiny, inputs):
 
 
 def forward(model, inputs):
+    """(hidden_states, logits) of a no-cache forward; BLIP-2 / InstructBLIP keep the decoder's hidden states in
+    ``language_model_outputs``."""
     with torch.no_grad():
-        return model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        output = model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is None:
+        hidden = output.language_model_outputs.hidden_states
+    return SimpleNamespace(hidden_states=hidden, logits=output.logits)
 
 
 @contextlib.contextmanager
@@ -89,10 +110,10 @@ def layer_outputs(tiny, prepend):
             hook.remove()
 
 
-# --- the eight families ------------------------------------------------------------------------------------------
+# --- every family ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_at_initialisation_hidden_states_and_logits_are_bit_identical(family, padding_side):
     tiny = build(family)
     inputs = batch(tiny, padding_side)
@@ -107,7 +128,7 @@ def test_at_initialisation_hidden_states_and_logits_are_bit_identical(family, pa
     assert torch.equal(calibrated.logits, plain.logits)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_random_moca_transforms_exactly_the_image_rows_of_every_layer(family):
     """With random u, v, at every decoder layer l: image rows of the output = u_l ⊙ (raw output) + v_l, all other
     rows = raw output, and hidden_states[l] (l < L) is that calibrated output.
@@ -151,7 +172,7 @@ def test_random_moca_transforms_exactly_the_image_rows_of_every_layer(family):
     assert not torch.allclose(calibrated.logits, plain.logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_reach_scale_and_shift_and_nothing_frozen(family):
     tiny = build(family)
     inputs = batch(tiny)
@@ -176,7 +197,24 @@ def test_gradients_reach_scale_and_shift_and_nothing_frozen(family):
             assert (grad.abs().sum(dim=1) > 0).all()  # every layer's row gets a gradient
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+def calibrated_image_rows(tiny, images, texts):
+    """{layer: image rows (float32) of the pairs, in pair order}, from the forward passes extraction runs: one over
+    the batch, or one per image size for a model whose image codes depend on the padded batch (Emu3,
+    same_size_batches); each pass is an outermost call, so MoCa finds its image rows in that pass's input_ids."""
+    groups = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.size if same_size_batches(tiny.model) else None, []).append(i)
+    rows = {}
+    for group in groups.values():
+        inputs = model_inputs(tiny.model, tiny.processor, [images[i] for i in group],
+                              [render_prompt(tiny.processor, texts[i]) for i in group])
+        image = image_rows(tiny, inputs)
+        for layer, states in enumerate(forward_hidden_states(tiny.model, inputs)):
+            rows.setdefault(layer, []).extend(zip(group, states[image].float().split(image.sum(dim=1).tolist())))
+    return {layer: torch.cat([r for _, r in sorted(parts, key=lambda part: part[0])]) for layer, parts in rows.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_extraction_with_moca_returns_the_calibrated_rows(family, tmp_path):
     tiny = build(family)
     images, texts, _ = family_pairs(tiny, n=2)
@@ -186,12 +224,10 @@ def test_extraction_with_moca_returns_the_calibrated_rows(family, tmp_path):
         at_init = extract_hidden_states(tiny.model, tiny.processor, images, texts, **options)
         randomize(handle.moca)
         states = extract_hidden_states(tiny.model, tiny.processor, images, texts, **options)
-        inputs = model_inputs(tiny.model, tiny.processor, images, [render_prompt(tiny.processor, t) for t in texts])
-        hidden = forward_hidden_states(tiny.model, inputs)
+        expected = calibrated_image_rows(tiny, images, texts)
     assert len({plain.path, at_init.path, states.path}) == 3  # MoCa and its values are part of the cache key
-    image = image_rows(tiny, inputs)
     for layer, image_states, _ in states:
-        assert torch.equal(image_states, hidden[layer][image].float())
+        assert torch.equal(image_states, expected[layer])
         assert torch.equal(at_init.layer(layer)[0], plain.layer(layer)[0])
         assert not torch.allclose(image_states, plain.layer(layer)[0], atol=1e-3)
 
@@ -211,16 +247,40 @@ def image_in_reach(tiny, inputs):
     return min(last) <= reach
 
 
+def whole_sequence_scores(model, inputs, sequences, suppressed):
+    """What greedy generation of ``sequences`` scores at each new token, from one no-cache forward of the whole
+    sequence: the logits of the position before each new token (suppressed tokens at -inf), with the position
+    ids transformers' generate gives (prompt: cumsum(attention_mask) - 1, pads 0; new tokens: the last prompt
+    position + 1, + 2, ...; with right padding the last prompt position is a pad's 0)."""
+    prompt = inputs["attention_mask"]
+    new = sequences.shape[1] - prompt.shape[1]
+    positions = (prompt.cumsum(dim=1) - 1).masked_fill(prompt == 0, 0)
+    positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, new + 1)], dim=1)
+    whole = {**inputs, "input_ids": sequences, "position_ids": positions,
+             "attention_mask": torch.cat([prompt, torch.ones_like(prompt[:, :new])], dim=1)}
+    logits = forward(model, whole).logits[:, -new - 1:-1].transpose(0, 1)
+    logits[..., suppressed] = -float("inf")
+    return SimpleNamespace(sequences=sequences, scores=logits.unbind(0))
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_a_kv_cache(family, padding_side):
     """Greedy generation: MoCa at initialisation generates what the plain model does; with random u, v the cached
     run (prefill, then steps whose input_ids are one new text token) gives the scores of an uncached run that
-    re-reads the whole sequence each step."""
+    re-reads the whole sequence each step.
+
+    Generated tokens are text: the tokenizer's added tokens (image token, image markers) are suppressed. A generated
+    marker is embedded differently with and without a cache by transformers itself (Ovis2 gives its indicator
+    tokens visual embeddings only in a pass that has pixel_values, i.e. the prefill). BLIP-2 and InstructBLIP hand
+    their language model the prompt as embeddings, and transformers then keeps the cache whatever use_cache says:
+    their reference is one no-cache forward of the whole generated sequence (MoCa finds the prompt's image rows
+    through model.generate's input_ids)."""
     tiny = build(family)
     inputs = batch(tiny, padding_side)
     tokenizer = tiny.processor.tokenizer
-    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+    added = sorted(tokenizer.added_tokens_decoder)
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id, suppress_tokens=added,
                     eos_token_id=None, return_dict_in_generate=True, output_scores=True)
 
     def generate(**extra):
@@ -233,6 +293,8 @@ def test_generate_with_a_kv_cache(family, padding_side):
         randomize(handle.moca)
         cached = generate(use_cache=True)
         uncached = generate(use_cache=False)
+        if uncached.cache is not None:  # the cache was kept: re-read the whole sequence in one forward instead
+            uncached = whole_sequence_scores(tiny.model, inputs, cached.sequences, added)
     assert torch.equal(at_init.sequences, plain.sequences)
     assert torch.equal(cached.sequences, uncached.sequences)
     if image_in_reach(tiny, inputs):
@@ -289,8 +351,8 @@ def test_remove_restores_the_model_bit_for_bit():
     tiny = build("llava")
     inputs = batch(tiny)
     blocks = decoder_layers(tiny.model)
+    plain = forward(tiny.model, inputs)  # the first forward installs transformers' output-capturing hooks
     hooks_before = [len(b._forward_hooks) for b in blocks] + [len(tiny.model._forward_pre_hooks)]
-    plain = forward(tiny.model, inputs)
     names = [name for name, _ in tiny.model.named_parameters()]
     with attached(tiny) as handle:
         assert tiny.model.moca is handle.moca
@@ -298,7 +360,7 @@ def test_remove_restores_the_model_bit_for_bit():
         randomize(handle.moca)
         with pytest.raises(ValueError, match="already has"):
             attach(tiny.model)
-    assert not hasattr(tiny.model, "moca") and not handle.attached
+    assert not hasattr(tiny.model, "moca") and not handle.attached and "generate" not in vars(tiny.model)
     assert [name for name, _ in tiny.model.named_parameters()] == names
     assert [len(b._forward_hooks) for b in blocks] + [len(tiny.model._forward_pre_hooks)] == hooks_before
     again = forward(tiny.model, inputs)
@@ -306,6 +368,16 @@ def test_remove_restores_the_model_bit_for_bit():
         assert torch.equal(ours, theirs)
     assert torch.equal(again.logits, plain.logits)
     handle.remove()  # a second remove is harmless
+
+    def theirs(*args, **kwargs):  # an instance generate set by someone else: wrapped while attached, then restored
+        return "theirs"
+    tiny.model.generate = theirs
+    try:
+        with attached(tiny):
+            assert tiny.model.generate is not theirs and tiny.model.generate() == "theirs"
+        assert tiny.model.generate is theirs
+    finally:
+        del tiny.model.generate
 
 
 def test_save_and_load_round_trip_and_errors_name_the_file(tmp_path):

@@ -16,18 +16,25 @@ loss term, and measures MIR with MoCa active.
 
 How it attaches to any Hugging Face LVLM, without forked modeling code:
 
-- Decoder layers: the ``layers`` ModuleList of the language model (``mirlab.lvlm.models.language_model``). A
-  forward hook on each chosen layer rewrites its output (a tensor, or a tuple whose first element is the hidden
-  states), in the output's dtype and device. It is registered with ``prepend=True`` so it runs before
-  transformers' own output-capturing hooks: ``hidden_states[l]`` is the calibrated output, the one layer l + 1
-  reads (``hidden_states[L]`` is, as always, the calibrated last output after the final norm).
+- Decoder layers: the ``layers`` ModuleList of the language model (``decoder_chain``: from
+  ``mirlab.lvlm.models.language_model`` through ``get_decoder()``, e.g. BLIP-2's OPTForCausalLM -> OPTDecoder,
+  Chameleon's base model). A forward hook on each chosen layer rewrites its output (a tensor, or a tuple whose
+  first element is the hidden states), in the output's dtype and device. It is registered with
+  ``prepend=True`` so it runs before transformers' own output-capturing hooks: ``hidden_states[l]`` is the
+  calibrated output, the one layer l + 1 reads (``hidden_states[L]`` is, as always, the calibrated last output
+  after the final norm).
 - Image rows: ``image_row_mask(input_ids, attention_mask, image_token_id)``, the rule extraction uses, applied
   to the input_ids of the outermost call into the model. A forward pre-hook on the model, on its base model
-  (``model.model``) and on its language model reads them: LVLMs hand the language model only inputs_embeds.
+  (``model.model``) and on the modules of its decoder chain reads them: LVLMs hand the language model only
+  inputs_embeds. A model whose image codes depend on the padded batch (Emu3) is extracted in one pass per image
+  size; each pass is an outermost call with its own rows.
 - Generation with a KV cache: a decoding step's input_ids are only the new tokens, (B, 1), while its
   attention_mask covers past and new tokens; the new tokens' columns are the mask's last ones. Generated tokens
   are text, so decoding steps calibrate nothing; the image rows were calibrated in the prefill and their keys
-  and values went into the cache calibrated.
+  and values went into the cache calibrated. BLIP-2 and InstructBLIP generate by handing their language model's
+  generate the prompt as inputs_embeds, so the prefill's input_ids are None: ``model.generate`` is wrapped (an
+  instance attribute, gone after ``remove()``) to keep its prompt's image rows, which a call with inputs_embeds
+  of the same (batch, tokens) and no input_ids then calibrates.
 - A call straight into the language model with inputs_embeds (a training loop that builds the embeddings
   itself) must name its image rows: ``with handle.image_rows(mask): model.model.language_model(...)``. Without
   them MoCa raises rather than guess.
@@ -46,6 +53,7 @@ metadata format = "mirlab-moca-v1", layers = JSON list of the n layer numbers, h
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -131,29 +139,52 @@ class MoCa(torch.nn.Module):
         return moca
 
 
+def decoder_chain(model) -> list[torch.nn.Module]:
+    """The modules from ``model``'s language model down to its decoder stack, the first that has a ``layers``
+    ModuleList: ``mirlab.lvlm.models.language_model`` (``model`` itself where it names none: Chameleon),
+    then ``get_decoder()`` until one has ``layers``. One step for LLaVA-style models (``model.model.language_model``
+    is the stack); BLIP-2 / InstructBLIP wrap a causal LM (OPTForCausalLM -> OPTDecoder); Chameleon's base model
+    is the stack."""
+    try:
+        chain = [language_model(model)]
+    except ValueError:
+        chain = [model]
+    while not isinstance(getattr(chain[-1], "layers", None), torch.nn.ModuleList):
+        step = chain[-1].get_decoder() if hasattr(chain[-1], "get_decoder") else None
+        if not isinstance(step, torch.nn.Module) or any(step is module for module in chain):
+            raise ValueError(f"{type(model).__name__}: no module with a `layers` ModuleList found from "
+                             f"{type(chain[0]).__name__} through get_decoder() "
+                             f"({' -> '.join(type(m).__name__ for m in chain)}): cannot find its decoder layers")
+        chain.append(step)
+    return chain
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of ``model``'s language model: its ``layers`` ModuleList, of length num_layers(model)."""
-    decoder = language_model(model)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(decoder).__name__}, the language model of {type(model).__name__}, has no `layers` "
-                         "ModuleList: cannot find its decoder layers")
+    """The decoder layers of ``model``: the ``layers`` ModuleList at the end of ``decoder_chain(model)``, of length
+    num_layers(model)."""
+    decoder = decoder_chain(model)[-1]
+    layers = decoder.layers
     if len(layers) != num_layers(model):
         raise ValueError(f"{type(decoder).__name__}.layers holds {len(layers)} layers but the text config says "
                          f"num_hidden_layers = {num_layers(model)}")
     return layers
 
 
-def _input_reader(module):
-    """A function (args, kwargs) -> (input_ids, attention_mask) for ``module.forward``'s signature."""
-    signature = inspect.signature(module.forward)
+def _input_reader(function):
+    """A function (args, kwargs) -> (input_ids, attention_mask, inputs_embeds) for ``function``'s signature
+    (a forward, or a generate, whose ``inputs`` argument counts as input_ids)."""
+    signature = inspect.signature(function)
+    collected = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
 
     def read(args, kwargs):
         try:
             arguments = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             arguments = kwargs
-        return arguments.get("input_ids"), arguments.get("attention_mask")
+        for name in collected:  # what a ``**kwargs`` parameter collected
+            arguments = {**arguments, **arguments.get(name, {})}
+        input_ids = arguments.get("input_ids", arguments.get("inputs"))
+        return input_ids, arguments.get("attention_mask"), arguments.get("inputs_embeds")
     return read
 
 
@@ -166,16 +197,21 @@ class MoCaHandle:
         self._current = None   # image rows of the latest outermost call (None: unknown)
         self._explicit = None  # rows named by image_rows(mask); win over _current
         self._depth = 0        # open calls among the watched modules
+        self._prompt = None    # image rows of the prompt of a model.generate call in progress
         model.add_module(ATTRIBUTE, moca)
         self._hooks = []
-        watched = [model, getattr(model, "model", None), language_model(model)]
+        watched = [model, getattr(model, "model", None), *decoder_chain(model)]
         for module in dict.fromkeys(m for m in watched if isinstance(m, torch.nn.Module)):
-            read = _input_reader(module)
+            read = _input_reader(module.forward)
             self._hooks.append(module.register_forward_pre_hook(
                 lambda _m, args, kwargs, read=read: self._enter(read(args, kwargs)), with_kwargs=True))
             self._hooks.append(module.register_forward_hook(self._leave, always_call=True))
         for row, layer in enumerate(moca.layers):
             self._hooks.append(blocks[layer - 1].register_forward_hook(self._calibrator(row, layer), prepend=True))
+        self._generate = self._naming_prompt_rows(model.generate) if hasattr(model, "generate") else None
+        self._shadowed = model.__dict__.get("generate")  # an instance generate of someone else's, restored later
+        if self._generate is not None:
+            model.generate = self._generate  # an instance attribute over the class's method, undone by remove()
 
     # --- which rows ---------------------------------------------------------------------------------------------
 
@@ -183,9 +219,11 @@ class MoCaHandle:
         self._depth += 1
         if self._depth > 1:  # an inner call (the model calling its language model): the outer call's rows hold
             return
-        input_ids, attention_mask = inputs
-        if not isinstance(input_ids, torch.Tensor):
-            self._current = None
+        input_ids, attention_mask, embeds = inputs
+        if not isinstance(input_ids, torch.Tensor):  # embeddings only: the prompt's rows if they fit, else unknown
+            fits = (self._prompt is not None and isinstance(embeds, torch.Tensor)
+                    and tuple(embeds.shape[:2]) == tuple(self._prompt.shape))
+            self._current = self._prompt if fits else None
             return
         if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
                 and attention_mask.shape[1] >= input_ids.shape[1]):
@@ -193,6 +231,30 @@ class MoCaHandle:
         else:  # a cached step: the mask covers past + new tokens, the new ones are its last columns
             attention_mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:]
         self._current = image_row_mask(input_ids, attention_mask, self.image_id)
+
+    def _naming_prompt_rows(self, generate):
+        """``generate`` that keeps its prompt's image rows (from its input_ids and attention_mask) while it runs.
+
+        For models whose generate hands the language model the prompt as embeddings alone (BLIP-2, InstructBLIP
+        merge the query outputs into inputs_embeds, and the prefill's input_ids are None): a call into the watched
+        modules with inputs_embeds and no input_ids calibrates these rows when its (batch, tokens) match.
+        """
+        read = _input_reader(generate)
+
+        @functools.wraps(generate)
+        def wrapped(*args, **kwargs):
+            input_ids, attention_mask, _ = read(args, kwargs)
+            rows = None
+            if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+                mask = attention_mask if (isinstance(attention_mask, torch.Tensor)
+                                          and attention_mask.shape == input_ids.shape) else None
+                rows = image_row_mask(input_ids, mask, self.image_id)
+            previous, self._prompt = self._prompt, rows
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self._prompt = previous
+        return wrapped
 
     def _leave(self, *_) -> None:
         self._depth = max(0, self._depth - 1)
@@ -250,7 +312,13 @@ class MoCaHandle:
         self._hooks = []
         if self.model._modules.get(ATTRIBUTE) is self.moca:
             del self.model._modules[ATTRIBUTE]
-        self._current = self._explicit = None
+        if self._generate is not None and self.model.__dict__.get("generate") is self._generate:
+            if self._shadowed is None:
+                del self.model.__dict__["generate"]
+            else:
+                self.model.__dict__["generate"] = self._shadowed
+        self._generate = None
+        self._current = self._explicit = self._prompt = None
 
     def save(self, path) -> Path:
         """Write the MoCa parameters to ``path`` (see MoCa.save)."""
@@ -291,7 +359,7 @@ def attach(model, processor=None, layers=None, moca: MoCa | None = None) -> MoCa
     if 0 in chosen:
         raise ValueError("layer 0 is the embedding output, not a decoder layer: MoCa layers are 1..L")
     hidden_size = model.config.get_text_config().hidden_size
-    device = next(language_model(model).parameters()).device
+    device = next(decoder_chain(model)[-1].parameters()).device
     if moca is None:
         moca = MoCa(chosen, hidden_size, device=device)
     else:
