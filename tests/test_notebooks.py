@@ -97,14 +97,25 @@ def test_mir_notebook_records_what_compute_mir_gives_on_the_same_cached_states(t
     notebook = Path(mirlab.course.NOTEBOOK_DIR) / "04_mir.ipynb"
     cache = tmp_path / "cache"
     parameters = {"n_samples": 6, "batch_size": 3, "layers": [1, 2, 15, 30], "n_boot": 8, "seed": 5,
-                  "cache_dir": str(cache), "parity_methods": ["official-fast"]}
+                  "cache_dir": str(cache), "parity_methods": ["official-fast"], "threads": 1}
     record = run_notebook(notebook, tmp_path, parameters, tag="small")
     assert record["n_pairs"] == 6 and record["n_boot"] == 8
     # reopen the notebook's cached hidden states without the model and recompute MIR independently of the run
     states = mirlab.HiddenStates(record["hidden_states_path"])
     assert states.layers == [1, 2, 15, 30]
     exact = mirlab.compute_mir(states)
-    fast = mirlab.compute_mir(states, method="official-fast")
+    # the official fast mode iterates in float32: its last digits depend on the BLAS thread count, so it is
+    # recomputed on the notebook's one thread (parameter `threads`, default 1)
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            fast = mirlab.compute_mir(states, method="official-fast")
+    finally:
+        torch.set_num_threads(before)
     assert record["mir"] == pytest.approx(exact.mir, rel=1e-12)
     assert record["mir_official_fast"] == pytest.approx(fast.mir, rel=1e-12)
     np.testing.assert_allclose(record["fd_per_layer"], exact.per_layer.fd, rtol=1e-12)
