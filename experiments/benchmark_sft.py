@@ -36,20 +36,10 @@ OUT = paths.data_dir() / "sft"
 MODELS = {"stage 1": None, "SFT from final": "final", "SFT from random": "lr2e-3/step-0000"}
 
 
-def fine_tuned(start: str, recipe: sft.SFTRecipe, progress: bool):
-    """(model, processor) after SFT with `recipe` from `start`, trained (or resumed) unless its weights exist."""
-    folder = sft.run_dir(recipe, start)
-    if not (folder / sft.FINAL_FILE).is_file():
-        model, processor = embedded_model(start)
-        sft.train_sft(model, processor, recipe, start, progress=progress)
-        (folder / sft.STATE_FILE).unlink(missing_ok=True)
-    return sft.load_sft(folder)
-
-
 def run(name: str, recipe: sft.SFTRecipe, progress: bool) -> None:
     start = MODELS[name]
     cpu, wall = mir_study.cpu_seconds(), time.perf_counter()
-    model, processor = embedded_model("final") if start is None else fine_tuned(start, recipe, progress)
+    model, processor = embedded_model("final") if start is None else sft.fine_tuned(start, recipe, progress)
     tables = benchmark.benchmark(model, processor, progress=progress)
     summary = tables["summary"].copy()
     summary.insert(0, "model", name)

@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mir_study  # noqa: E402  (cpu_seconds, record_time, append_rows, OUT)
 
 from mirlab.tiny import benchmark, sft  # noqa: E402
-from mirlab.tiny.build import embedded_model  # noqa: E402
 
 START = "final"
 CANDIDATES = {
@@ -50,21 +49,11 @@ TIE = 0.005
 SEARCH_FILE = mir_study.OUT / "sft_recipe_search.csv"
 
 
-def fine_tuned(recipe: sft.SFTRecipe, progress: bool):
-    """(model, processor) fine-tuned from START with `recipe`: trained (or resumed) unless its weights exist."""
-    folder = sft.run_dir(recipe, START)
-    if not (folder / sft.FINAL_FILE).is_file():
-        model, processor = embedded_model(START)
-        sft.train_sft(model, processor, recipe, START, progress=progress)
-        (folder / sft.STATE_FILE).unlink(missing_ok=True)
-    return sft.load_sft(folder)
-
-
 def evaluate(name: str, progress: bool) -> pd.DataFrame:
     """Train candidate `name` and score it on the val split; one row per kind."""
     recipe = CANDIDATES[name]
     cpu, wall = mir_study.cpu_seconds(), time.perf_counter()
-    model, processor = fine_tuned(recipe, progress)
+    model, processor = sft.fine_tuned(START, recipe, progress)
     tables = benchmark.benchmark(model, processor, split="val", blind=("blank",), generation=False,
                                  progress=progress)
     log = sft.read_log(sft.run_dir(recipe, START))

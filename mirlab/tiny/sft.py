@@ -366,6 +366,20 @@ def load_sft(path, cache_dir=None):
     return model.eval(), processor
 
 
+def fine_tuned(start: str, recipe: SFTRecipe, progress: bool = True):
+    """(model, processor) after SFT with `recipe` from the pre-training checkpoint `start`: the finished run of
+    `run_dir(recipe, start)` if its weights exist, else trained (or resumed from its state) first; the resumable
+    state is deleted once the run is complete."""
+    from mirlab.tiny.build import embedded_model
+
+    folder = run_dir(recipe, start)
+    if not (folder / FINAL_FILE).is_file():
+        model, processor = embedded_model(start)
+        train_sft(model, processor, recipe, start, progress=progress)
+        (folder / STATE_FILE).unlink(missing_ok=True)
+    return load_sft(folder)
+
+
 # --- `mirlab sft` ----------------------------------------------------------------------------------------------
 
 def add_arguments(parser):
