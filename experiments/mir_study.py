@@ -25,9 +25,15 @@ output exists:
 
 Every stage appends its process CPU time (user + system, all threads) and wall time to data/study/cpu_time.csv.
 Tables are written atomically after every stage, so a stop loses at most the stage in progress (pre-training and
-SFT themselves also resume from their state files while the cache survives).
+SFT themselves also resume from their state files while the cache survives). Table updates hold an exclusive
+lock (data/study/.lock), so two drivers with disjoint `--only` lists may run side by side, one thread each:
+
+    nohup nice -n 5 python experiments/mir_study.py --threads 1 --only lr6e-4 lr6e-3 > a.log 2>&1 &
+    nohup nice -n 5 python experiments/mir_study.py --threads 1 --only moca linear > b.log 2>&1 &
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -67,20 +73,34 @@ def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
+@contextlib.contextmanager
+def tables_locked():
+    """Hold an exclusive lock on data/study while a table is read, changed and written (parallel drivers)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def append_rows(path: Path, rows: pd.DataFrame, key: str, value: str) -> None:
     """Replace the rows of `path` whose `key` equals `value` by `rows` (idempotent re-runs)."""
-    table = read_csv(path)
-    if len(table):
-        table = table[table[key] != value]
-    write_csv(pd.concat([table, rows], ignore_index=True) if len(table) else rows, path)
+    with tables_locked():
+        table = read_csv(path)
+        if len(table):
+            table = table[table[key] != value]
+        write_csv(pd.concat([table, rows], ignore_index=True) if len(table) else rows, path)
 
 
 def record_time(stage: str, start_name: str, cpu: float, wall: float, threads: int) -> None:
     row = pd.DataFrame([{"stage": stage, "start": start_name, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
                          "threads": threads, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}])
     path = OUT / "cpu_time.csv"
-    table = read_csv(path)
-    write_csv(pd.concat([table, row], ignore_index=True) if len(table) else row, path)
+    with tables_locked():
+        table = read_csv(path)
+        write_csv(pd.concat([table, row], ignore_index=True) if len(table) else row, path)
 
 
 def load_sft_recipe() -> sft.SFTRecipe:

@@ -594,3 +594,27 @@ def test_recipe_search_picks_the_best_val_average_and_breaks_ties_towards_the_ch
     assert search.select(table([0.49, 0.49, 0.49])) == names[0]
     with pytest.raises(SystemExit, match="not scored yet"):
         search.select(table([0.4, 0.5, 0.6]).iloc[:2])
+
+
+def test_parallel_drivers_lose_no_table_rows(data_dir):
+    """Two drivers with disjoint --only lists update the same tables: the lock keeps every row of every writer."""
+    writer = (
+        "import importlib.util, sys, pandas as pd\n"
+        f"spec = importlib.util.spec_from_file_location('mir_study', {str(DRIVER)!r})\n"
+        "driver = importlib.util.module_from_spec(spec); spec.loader.exec_module(driver)\n"
+        "tag = sys.argv[1]\n"
+        "for i in range(25):\n"
+        "    name = f'{tag}-{i}'\n"
+        "    driver.append_rows(driver.OUT / 'pretrained.csv', pd.DataFrame([{'start': name, 'mir': i}]), 'start', name)\n"
+        "    driver.record_time('measure', name, 1.0, 1.0, 1)\n"
+    )
+    env = {**os.environ, "MIRLAB_DATA_DIR": str(data_dir), "MIRLAB_CACHE_DIR": str(data_dir.parent / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    writers = [subprocess.Popen([sys.executable, "-c", writer, tag], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                                text=True) for tag in "abcd"]
+    for process in writers:
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    expected = {f"{tag}-{i}" for tag in "abcd" for i in range(25)}
+    assert set(pd.read_csv(data_dir / "study" / "pretrained.csv")["start"]) == expected
+    times = pd.read_csv(data_dir / "study" / "cpu_time.csv")
+    assert len(times) == 100 and set(times["start"]) == expected
