@@ -130,7 +130,8 @@ def add_execution_arguments(parser: argparse.ArgumentParser, out_help: str) -> N
                           "failing")
     run.add_argument("--out", default=None, help=out_help)
     run.add_argument("--threads", type=positive_int, default=None,
-                     help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)")
+                     help="CPU threads of torch and of numpy/scipy's BLAS (default: their choice; 1 is often "
+                          "fastest on a busy machine)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -169,10 +170,10 @@ def check_model_and_data(args: argparse.Namespace) -> None:
 
 
 def apply_execution_options(args: argparse.Namespace) -> None:
-    """--threads (torch CPU threads) and --no-progress (also transformers' "Loading weights" bar)."""
+    """--threads (torch and the BLAS/OpenMP pools of numpy/scipy) and --no-progress (also "Loading weights")."""
     if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
+        from mirlab.course import use_threads
+        use_threads(args.threads)
     if args.no_progress:
         from transformers.utils import logging as transformers_logging
         transformers_logging.disable_progress_bar()

@@ -3,6 +3,7 @@
 (nbval separately re-executes every committed notebook and compares its outputs; see tests/conftest.py.)
 """
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -259,6 +260,13 @@ def test_hidden_state_cache_is_shared_under_the_cache_root_and_versioned(monkeyp
         assert 'cache_dir = "shared"' in parameters and "threads = 1 " in parameters
 
 
+# the pools' default without any limit is 2 threads (not the 1 that the test runner's OMP_NUM_THREADS may set), so
+# "[1]" below is the limit's doing
+BLAS_DEFAULT_TWO = {**{k: v for k, v in os.environ.items()
+                       if k not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")},
+                    "OMP_NUM_THREADS": "2"}
+
+
 def test_use_threads_limits_torch_and_blas_and_refuses_nonsense():
     import subprocess
     import sys
@@ -276,6 +284,24 @@ def test_use_threads_limits_torch_and_blas_and_refuses_nonsense():
             "pools = threadpool_info()\n"
             "print(torch.get_num_threads(), sum(p['internal_api'] == 'openblas' for p in pools),"
             " sorted({p['num_threads'] for p in pools}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=BLAS_DEFAULT_TWO).stdout
+    torch_threads, openblas_pools, limits = out.split(maxsplit=2)
+    assert torch_threads == "1" and int(openblas_pools) >= 2 and limits.strip() == "[1]"
+
+
+def test_cli_threads_option_limits_torch_and_blas_too():
+    """`mirlab run/probe --threads N` goes through the same use_threads: scipy's own OpenBLAS is limited as well."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom threadpoolctl import threadpool_info\nfrom mirlab import cli\n"
+            "args = cli.build_parser('run').parse_args(['run', '--model', 'tiny', '--threads', '1', '--no-progress'])\n"
+            "cli.apply_execution_options(args)\nimport scipy.linalg\n"
+            "pools = threadpool_info()\n"
+            "print(torch.get_num_threads(), sum(p['internal_api'] == 'openblas' for p in pools),"
+            " sorted({p['num_threads'] for p in pools}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=BLAS_DEFAULT_TWO).stdout
     torch_threads, openblas_pools, limits = out.split(maxsplit=2)
     assert torch_threads == "1" and int(openblas_pools) >= 2 and limits.strip() == "[1]"
