@@ -267,41 +267,38 @@ BLAS_DEFAULT_TWO = {**{k: v for k, v in os.environ.items()
                     "OMP_NUM_THREADS": "2"}
 
 
-def test_use_threads_limits_torch_and_blas_and_refuses_nonsense():
+def threads_after(setup: str) -> tuple[int, int, str]:
+    """Run `setup` in a fresh interpreter (so no limit leaks into other tests), then import scipy.linalg (its own
+    OpenBLAS, loaded lazily as the metrics do) and report torch's threads, the number of OpenBLAS pools and the
+    sorted set of every pool's thread count."""
     import subprocess
     import sys
 
+    code = (f"import torch\nfrom threadpoolctl import threadpool_info\n{setup}\nimport scipy.linalg\n"
+            "pools = threadpool_info()\n"
+            "print(torch.get_num_threads(), sum(p['internal_api'] == 'openblas' for p in pools),"
+            " sorted({p['num_threads'] for p in pools}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=BLAS_DEFAULT_TWO).stdout
+    torch_threads, openblas_pools, limits = out.split(maxsplit=2)
+    return int(torch_threads), int(openblas_pools), limits.strip()
+
+
+def test_use_threads_limits_torch_and_blas_and_refuses_nonsense():
     from mirlab.course import use_threads
 
     use_threads(None)  # leaves the machine's defaults
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="threads"):
             use_threads(bad)
-    # in a fresh interpreter, so the limit does not leak into other tests; scipy.linalg (its own OpenBLAS) is
-    # imported only after the call, as the metrics do lazily, and must be limited too
-    code = ("import torch\nfrom threadpoolctl import threadpool_info\nfrom mirlab.course import use_threads\n"
-            "use_threads(1)\nimport scipy.linalg\n"
-            "pools = threadpool_info()\n"
-            "print(torch.get_num_threads(), sum(p['internal_api'] == 'openblas' for p in pools),"
-            " sorted({p['num_threads'] for p in pools}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=BLAS_DEFAULT_TWO).stdout
-    torch_threads, openblas_pools, limits = out.split(maxsplit=2)
-    assert torch_threads == "1" and int(openblas_pools) >= 2 and limits.strip() == "[1]"
+    torch_threads, openblas_pools, limits = threads_after("from mirlab.course import use_threads\nuse_threads(1)")
+    assert torch_threads == 1 and openblas_pools >= 2 and limits == "[1]"
 
 
 def test_cli_threads_option_limits_torch_and_blas_too():
     """`mirlab run/probe --threads N` goes through the same use_threads: scipy's own OpenBLAS is limited as well."""
-    import subprocess
-    import sys
-
-    code = ("import torch\nfrom threadpoolctl import threadpool_info\nfrom mirlab import cli\n"
-            "args = cli.build_parser('run').parse_args(['run', '--model', 'tiny', '--threads', '1', '--no-progress'])\n"
-            "cli.apply_execution_options(args)\nimport scipy.linalg\n"
-            "pools = threadpool_info()\n"
-            "print(torch.get_num_threads(), sum(p['internal_api'] == 'openblas' for p in pools),"
-            " sorted({p['num_threads'] for p in pools}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=BLAS_DEFAULT_TWO).stdout
-    torch_threads, openblas_pools, limits = out.split(maxsplit=2)
-    assert torch_threads == "1" and int(openblas_pools) >= 2 and limits.strip() == "[1]"
+    torch_threads, openblas_pools, limits = threads_after(
+        "from mirlab import cli\n"
+        "args = cli.build_parser('run').parse_args(['run', '--model', 'tiny', '--threads', '1', '--no-progress'])\n"
+        "cli.apply_execution_options(args)")
+    assert torch_threads == 1 and openblas_pools >= 2 and limits == "[1]"
