@@ -129,6 +129,8 @@ def write_study(folder, benchmarked):
     pd.DataFrame([{"start": s, "layer": k, "text": text, "norm_ratio": (i + 1) * k * (2 if text == "prose" else 1)}
                   for i, s in enumerate(starts) for k in (1, 2) for text in ("prose", "captions")]
                  ).to_csv(folder / "mir_per_layer.csv", index=False)
+    pd.DataFrame({"start": starts, "visual_dependence": [9.0, 9.8, 0.9, 7.0, 8.2],
+                  "visual_dependence_sem": [0.5, 0.4, 0.3, 0.6, 0.2]}).to_csv(folder / "probes.csv", index=False)
     scores = {"lr2e-3": 0.6, "lr2e-4": 0.5, "lr2e-3/step-0000": 0.4, "lr2e-3/step-0020": 0.45,
               "lr2e-3/step-0082": 0.55}
     rows = [{"start": s, "kind": kind, "accuracy": scores[s] + (0.0 if kind == "average" else 0.1), "chance": 0.3}
@@ -152,6 +154,8 @@ def test_post_sft_table_joins_the_study_tables_and_live_probes(tmp_path):
     expected = pvm.spearman_permutation(table["mir_exact_prose"], table["sft_average"])
     assert correlations.loc["mir_exact_prose", "rho"] == pytest.approx(expected["rho"])
     assert correlations.loc["mir_exact_prose", "n"] == 5 and "live_mir" not in correlations.index  # 1 start only
+    assert "visual_dependence" in correlations.index
+    assert "visual_dependence_sem" in table and "visual_dependence_sem" not in correlations.index  # an error bar
 
 
 def test_post_sft_correlations_refuse_to_estimate_from_too_few_starts(tmp_path):

@@ -207,12 +207,15 @@ def post_sft_table(study_dir: str | Path | None = None, live: pd.DataFrame | Non
 def post_sft_correlations(table: pd.DataFrame, score: str = SCORE, min_starts: int = 4, **options) -> pd.DataFrame:
     """Spearman rho and permutation p (``spearman_permutation``) of every measure column of ``post_sft_table``
     with ``score``, over the starts that have both. Only measures with at least ``min_starts`` such starts get a
-    row (fewer: no estimate at all, rather than a rho from 2 or 3 points). Columns: measure, n, rho, p, exact."""
+    row (fewer: no estimate at all, rather than a rho from 2 or 3 points). Standard errors of a measure (columns
+    ending in ``_se`` or ``_sem``) are not measures and get no row. Columns: measure, n, rho, p, exact."""
     if min_starts < 3:
         raise ValueError(f"min_starts must be >= 3 (a rank correlation of fewer points is meaningless), got {min_starts}")
     rows = []
     for column in table.columns:
         if column in ("start", score) or not pd.api.types.is_numeric_dtype(table[column]):
+            continue
+        if column.endswith(("_se", "_sem")):
             continue
         pair = table[[column, score]].dropna()
         if len(pair) >= min_starts:
