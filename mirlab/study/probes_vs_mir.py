@@ -213,9 +213,8 @@ def post_sft_correlations(table: pd.DataFrame, score: str = SCORE, min_starts: i
         raise ValueError(f"min_starts must be >= 3 (a rank correlation of fewer points is meaningless), got {min_starts}")
     rows = []
     for column in table.columns:
-        if column in ("start", score) or not pd.api.types.is_numeric_dtype(table[column]):
-            continue
-        if column.endswith(("_se", "_sem")):
+        is_error_bar = column.endswith(("_se", "_sem"))
+        if column in ("start", score) or is_error_bar or not pd.api.types.is_numeric_dtype(table[column]):
             continue
         pair = table[[column, score]].dropna()
         if len(pair) >= min_starts:
