@@ -64,7 +64,7 @@ def cpu_seconds() -> float:
 def write_csv(table: pd.DataFrame, path: Path) -> None:
     """Atomic write (temporary sibling, then rename): a reader never sees half a table."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     table.to_csv(tmp, index=False, float_format="%.10g")
     os.replace(tmp, path)
 
@@ -269,7 +269,8 @@ def main(argv=None) -> int:
     if sft_recipe is None and {"sft", "benchmark"} & set(args.stages):
         load_sft_recipe()  # raises with the reason
     torch.set_num_threads(args.threads)
-    write_csv(study.configs_table(), OUT / "configs.csv")
+    with tables_locked():
+        write_csv(study.configs_table(), OUT / "configs.csv")
     progress = not args.no_progress
     for item in starts():
         if args.only is not None and item["start"] not in args.only:

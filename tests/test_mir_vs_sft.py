@@ -597,7 +597,8 @@ def test_recipe_search_picks_the_best_val_average_and_breaks_ties_towards_the_ch
 
 
 def test_parallel_drivers_lose_no_table_rows(data_dir):
-    """Two drivers with disjoint --only lists update the same tables: the lock keeps every row of every writer."""
+    """Two drivers with disjoint --only lists update the same tables: the lock keeps every row of every writer,
+    and concurrent whole-table writes never collide on a shared temporary file."""
     writer = (
         "import importlib.util, sys, pandas as pd\n"
         f"spec = importlib.util.spec_from_file_location('mir_study', {str(DRIVER)!r})\n"
@@ -607,6 +608,7 @@ def test_parallel_drivers_lose_no_table_rows(data_dir):
         "    name = f'{tag}-{i}'\n"
         "    driver.append_rows(driver.OUT / 'pretrained.csv', pd.DataFrame([{'start': name, 'mir': i}]), 'start', name)\n"
         "    driver.record_time('measure', name, 1.0, 1.0, 1)\n"
+        "    driver.write_csv(pd.DataFrame([{'writer': tag, 'i': i}]), driver.OUT / 'configs.csv')\n"
     )
     env = {**os.environ, "MIRLAB_DATA_DIR": str(data_dir), "MIRLAB_CACHE_DIR": str(data_dir.parent / "cache"),
            "OMP_NUM_THREADS": "1"}
@@ -618,3 +620,5 @@ def test_parallel_drivers_lose_no_table_rows(data_dir):
     assert set(pd.read_csv(data_dir / "study" / "pretrained.csv")["start"]) == expected
     times = pd.read_csv(data_dir / "study" / "cpu_time.csv")
     assert len(times) == 100 and set(times["start"]) == expected
+    # write_csv itself (configs.csv is rewritten by every driver at start-up) never collides on its temporary file
+    assert len(pd.read_csv(data_dir / "study" / "configs.csv")) == 1
