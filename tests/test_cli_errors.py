@@ -223,14 +223,17 @@ def test_hidden_files_and_archive_litter_are_skipped_and_counted(workspace, tmp_
     assert done.stdout.splitlines()[0] == (workspace / "mir.txt").read_text()  # the same pairs as without litter
 
 
-# the real command, with the forward pass of the second batch made slow so Ctrl-C surely lands mid-run
+# the real command, with the forward pass of the second batch made slow so Ctrl-C surely lands mid-run; the file
+# named by SLEEPING_MARKER appears when that pass starts sleeping, so the test's Ctrl-C lands inside the sleep
+# however loaded the machine is (not somewhere between batch 0 landing on disk and the sleep)
 SLOW_SECOND_BATCH = """
-import sys, time
+import os, pathlib, sys, time
 import mirlab.lvlm.extract as extract
 forward, calls = extract.forward_hidden_states, []
 def slow_second_batch(model, inputs):
     calls.append(1)
     if len(calls) == 2:
+        pathlib.Path(os.environ["SLEEPING_MARKER"]).touch()
         time.sleep(120)
     return forward(model, inputs)
 extract.forward_hidden_states = slow_second_batch
@@ -242,12 +245,18 @@ sys.exit(main(sys.argv[1:]))
 def test_ctrl_c_is_one_line_and_keeps_a_cache_that_a_rerun_resumes(workspace, tmp_path):
     cache = tmp_path / "cache"
     args = [str(a) for a in command(workspace)] + ["--cache", str(cache)]
-    process = subprocess.Popen([sys.executable, "-c", SLOW_SECOND_BATCH, *args], env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sleeping = tmp_path / "sleeping"
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: the child gets the disposition of an interactive terminal's process whatever ran us
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SECOND_BATCH, *args],
+                               env={**ENV, "SLEEPING_MARKER": str(sleeping)}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
-    while not list(cache.glob("*/batches/00000.json")) and time.monotonic() < deadline:
+    while not sleeping.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert process.poll() is None, "the run ended before the first batch was on disk"
+    assert process.poll() is None, "the run ended before the second batch"
+    assert list(cache.glob("*/batches/00000.json")), "the second batch started before the first was on disk"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
