@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import fcntl
 import json
-import os
 import resource
 import shutil
 import sys
@@ -63,10 +62,7 @@ def cpu_seconds() -> float:
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
     """Atomic write (temporary sibling, then rename): a reader never sees half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_csv(tmp, index=False, float_format="%.10g")
-    os.replace(tmp, path)
+    paths.atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.10g"))
 
 
 def read_csv(path: Path) -> pd.DataFrame:
@@ -156,9 +152,7 @@ def run_pretrain(item: dict, progress: bool) -> None:
     pretrain.run(recipe, out_dir=out_dir, progress=progress)
     last = out_dir / recipe.name / f"step-{recipe.steps:04d}.safetensors"
     target = checkpoint_file(item)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(last, target.with_suffix(".tmp"))
-    os.replace(target.with_suffix(".tmp"), target)
+    paths.atomic_write(target, lambda tmp: shutil.copyfile(last, tmp))
     shutil.copyfile(out_dir / recipe.name / "log.csv", OUT / "checkpoints" / f"{recipe.name}.log.csv")
 
 

@@ -26,7 +26,6 @@ Output: data/projector/robustness.csv (tidy: text, n_pairs, seed, mir), rewritte
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import pandas as pd
 import torch
 
 import mirlab
+from mirlab import paths
 from mirlab.study import dynamics
 from mirlab.tiny.build import projector_dir
 
@@ -54,9 +54,7 @@ TEXTS = ("captions", "prose")
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
     """Write atomically (temporary sibling, then rename): a reader never sees half a table."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    table.to_csv(tmp, index=False, float_format="%.8g")
-    os.replace(tmp, path)
+    paths.atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.8g"))
 
 
 def join_evaluation(table: pd.DataFrame, out: Path) -> pd.DataFrame:
@@ -197,9 +195,7 @@ def main(argv=None) -> int:
                                  "n_pairs": list(ROBUST_N), "seeds": list(ROBUST_SEEDS), "method": "exact",
                                  "summary": summary_table.drop(columns="mean ± std").to_dict(orient="records")}
     summary["wall_seconds"] = timings
-    tmp = summary_path.with_name(f".{summary_path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=float) + "\n")
-    os.replace(tmp, summary_path)
+    paths.atomic_write(summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1, default=float) + "\n"))
     print(f"\nwrote {summary_path} ({time.perf_counter() - start:.0f} s this run)")
     return 0
 

@@ -54,7 +54,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -315,10 +314,7 @@ def scene_features(model, processor, n: int, seed: int = 0, split: str = "train"
         return load_file(str(path))["features"], styled, metadata
     features = image_features(model, processor, [s["image"] for s in scenes], progress=progress)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent runs never share one
-        save_file({"features": features.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        paths.atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, str(tmp)))
     return features, styled, metadata
 
 

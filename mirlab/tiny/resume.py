@@ -20,10 +20,11 @@ used: safetensors holds only tensors, and the rest is JSON.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from mirlab.paths import atomic_write
 
 FORMAT = "mirlab-resume-v1"
 
@@ -32,8 +33,6 @@ def save(path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimize
     """Write a resume state to `path` (atomically: a temporary sibling, then rename). Returns the path."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     out = {f"state.{name}": tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
     opt = optimizer.state_dict()
     plain = {}
@@ -46,10 +45,7 @@ def save(path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimize
     out["rng.torch"] = torch.get_rng_state()
     header = {"format": FORMAT, "meta": json.dumps(meta),
               "optimizer": json.dumps({"param_groups": opt["param_groups"], "plain": plain})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(out, str(tmp), metadata=header)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=header))
 
 
 def load(path, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True):
