@@ -23,7 +23,9 @@ output exists:
     benchmark  `benchmark.benchmark` (600 held-out questions, with the image and with a blank image; no free
                generation) of the fine-tuned model -> data/study/benchmark.csv (tidy: start, kind, ...)
 
-Every stage appends its process CPU time (user + system, all threads) and wall time to data/study/cpu_time.csv.
+Every stage records its process CPU time (user + system, all threads) and wall time in data/study/cpu_time.csv,
+kept up to date every minute while it runs (`stage_clock`), so a stage stopped with its session leaves the CPU
+time it spent (status "stopped") and its resumed run adds a row of its own.
 Tables are written atomically after every stage, so a stop loses at most the stage in progress (pre-training and
 SFT themselves also resume from their state files while the cache survives). Table updates hold an exclusive
 lock (data/study/.lock), so two drivers with disjoint `--only` lists may run side by side, one thread each:
@@ -35,9 +37,12 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,13 +95,58 @@ def append_rows(path: Path, rows: pd.DataFrame, key: str, value: str) -> None:
         write_csv(pd.concat([table, rows], ignore_index=True) if len(table) else rows, path)
 
 
-def record_time(stage: str, start_name: str, cpu: float, wall: float, threads: int) -> None:
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record_time(stage: str, start_name: str, cpu: float, wall: float, threads: int, status: str = "done",
+                started: str | None = None) -> None:
+    """Put one row into cpu_time.csv, replacing the row of the same attempt (stage, start, `started`, process id).
+
+    status "done": the stage ended in this process; "stopped": the process was still in the stage at the row's
+    `finished` time (a heartbeat of `stage_clock`; if nothing replaces it, the process ended there).
+    """
+    started = started or now()
     row = pd.DataFrame([{"stage": stage, "start": start_name, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
-                         "threads": threads, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}])
+                         "threads": threads, "finished": now(), "status": status, "started": started,
+                         "pid": os.getpid()}])
     path = OUT / "cpu_time.csv"
     with tables_locked():
         table = read_csv(path)
+        if len(table) and {"started", "pid"} <= set(table.columns):
+            same = ((table.stage == stage) & (table.start == start_name) & (table.started == started)
+                    & (table.pid == os.getpid()))
+            table = table[~same]
         write_csv(pd.concat([table, row], ignore_index=True) if len(table) else row, path)
+
+
+@contextlib.contextmanager
+def stage_clock(stage: str, start_name: str, threads: int, every: float = 60.0):
+    """Record the CPU and wall time of one stage in cpu_time.csv, also if the process never gets to the end.
+
+    While the stage runs, a background thread rewrites the attempt's row every `every` seconds with status
+    "stopped" and the CPU time so far; when the stage ends the row becomes "done" (or stays "stopped", with the
+    final time, if it raised). A process killed with its session thus leaves its CPU time up to the last
+    heartbeat: at most `every` seconds of it are lost, not the whole stage.
+    """
+    cpu, wall, started = cpu_seconds(), time.perf_counter(), now()
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            record_time(stage, start_name, cpu_seconds() - cpu, time.perf_counter() - wall, threads, "stopped",
+                        started)
+
+    heart = threading.Thread(target=beat, name=f"heartbeat {stage} {start_name}", daemon=True)
+    heart.start()
+    status = "stopped"
+    try:
+        yield
+        status = "done"
+    finally:
+        stop.set()
+        heart.join()
+        record_time(stage, start_name, cpu_seconds() - cpu, time.perf_counter() - wall, threads, status, started)
 
 
 def load_sft_recipe() -> sft.SFTRecipe:
@@ -263,6 +313,8 @@ def main(argv=None) -> int:
     if sft_recipe is None and {"sft", "benchmark"} & set(args.stages):
         load_sft_recipe()  # raises with the reason
     torch.set_num_threads(args.threads)
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the stage in progress records its time as "stopped"
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tables_locked():
         write_csv(study.configs_table(), OUT / "configs.csv")
     progress = not args.no_progress
@@ -273,18 +325,17 @@ def main(argv=None) -> int:
             if stage not in args.stages or done(item, stage, sft_recipe):
                 continue
             print(f"{datetime.now():%H:%M:%S} {item['start']}: {stage}", flush=True)
-            cpu, wall = cpu_seconds(), time.perf_counter()
-            if stage == "pretrain":
-                run_pretrain(item, progress)
-            elif stage == "measure":
-                run_measure(item, progress)
-            elif stage == "probes":
-                run_probes(item, progress)
-            elif stage == "sft":
-                run_sft(item, sft_recipe, progress)
-            else:
-                run_benchmark(item, sft_recipe, progress)
-            record_time(stage, item["start"], cpu_seconds() - cpu, time.perf_counter() - wall, args.threads)
+            with stage_clock(stage, item["start"], args.threads):
+                if stage == "pretrain":
+                    run_pretrain(item, progress)
+                elif stage == "measure":
+                    run_measure(item, progress)
+                elif stage == "probes":
+                    run_probes(item, progress)
+                elif stage == "sft":
+                    run_sft(item, sft_recipe, progress)
+                else:
+                    run_benchmark(item, sft_recipe, progress)
     return 0
 
 

@@ -7,8 +7,10 @@ import dataclasses
 import inspect
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -622,3 +624,58 @@ def test_parallel_drivers_lose_no_table_rows(data_dir):
     assert len(times) == 100 and set(times["start"]) == expected
     # write_csv itself (configs.csv is rewritten by every driver at start-up) never collides on its temporary file
     assert len(pd.read_csv(data_dir / "study" / "configs.csv")) == 1
+
+
+CLOCKED = (
+    "import importlib.util, sys, time\n"
+    f"spec = importlib.util.spec_from_file_location('mir_study', {str(DRIVER)!r})\n"
+    "driver = importlib.util.module_from_spec(spec); spec.loader.exec_module(driver)\n"
+    "with driver.stage_clock('sft', 'lr2e-3', 1, every=0.1):\n"
+    "    end = time.process_time() + float(sys.argv[1])\n"
+    "    while time.process_time() < end:\n"
+    "        pass\n"
+    "    print('busy done', flush=True)\n"
+    "    time.sleep(float(sys.argv[2]))\n"
+)
+
+
+def _clocked(data_dir: Path, busy: float, idle: float) -> subprocess.Popen:
+    env = {**os.environ, "MIRLAB_DATA_DIR": str(data_dir), "MIRLAB_CACHE_DIR": str(data_dir.parent / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    # SIGINT at its default disposition even where the test runner's shell ignores it (nohup ... &)
+    return subprocess.Popen([sys.executable, "-c", CLOCKED, str(busy), str(idle)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_stage_clock_records_a_finished_stage_once(data_dir):
+    process = _clocked(data_dir, busy=0.6, idle=0.3)
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    times = pd.read_csv(data_dir / "study" / "cpu_time.csv")
+    assert len(times) == 1, times  # the heartbeats rewrote one row, they did not add rows
+    row = times.iloc[0]
+    assert (row.stage, row.start, row.status, row.threads) == ("sft", "lr2e-3", "done", 1)
+    assert 0.6 <= row.cpu_s < 5 and row.wall_s >= 0.9
+
+
+def test_stage_clock_leaves_the_cpu_time_of_a_killed_process(data_dir):
+    """SIGKILL runs no Python code: what is left is the last heartbeat, at most `every` seconds old."""
+    process = _clocked(data_dir, busy=0.8, idle=60)
+    assert process.stdout.readline().strip() == "busy done"
+    time.sleep(0.5)  # a few heartbeats after the busy part
+    process.kill()
+    process.wait(timeout=30)
+    times = pd.read_csv(data_dir / "study" / "cpu_time.csv")
+    assert len(times) == 1, times
+    row = times.iloc[0]
+    assert row.status == "stopped" and row.cpu_s >= 0.8 and row.wall_s >= 0.8
+
+
+def test_stage_clock_marks_an_interrupted_stage_stopped(data_dir):
+    process = _clocked(data_dir, busy=0.3, idle=60)
+    assert process.stdout.readline().strip() == "busy done"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) != 0
+    assert "KeyboardInterrupt" in process.stderr.read()
+    times = pd.read_csv(data_dir / "study" / "cpu_time.csv")
+    assert list(times.status) == ["stopped"] and times.cpu_s.iloc[0] >= 0.3
