@@ -42,9 +42,9 @@ Memory and storage: each batch is one forward pass ``model(**inputs, output_hidd
 ``torch.inference_mode`` (no generate, no attention maps, only the last position's logits when the model
 accepts ``logits_to_keep``). Right after it, every selected layer's rows are written to disk:
 ``<store>/layer_XXX/{image,text}_BBBBB.npy`` (BBBBB = batch number), float32 by default or float16
-(``store_dtype``), each file written to a temporary name then ``os.replace``-d into place; the batch's
-manifest ``batches/BBBBB.json`` (which pairs, how many rows each) is written last, so a batch counts as done
-only once all its rows are on disk. Iterating reads one layer back at a time. Peak RAM is therefore one
+(``store_dtype``), each file written whole (``mirlab.paths.atomic_write``: a temporary sibling, then renamed
+into place); the batch's manifest ``batches/BBBBB.json`` (which pairs, how many rows each) is written last, so
+a batch counts as done only once all its rows are on disk. Iterating reads one layer back at a time. Peak RAM is therefore one
 batch's hidden states (all layers of that batch) plus one layer of rows, whatever L is. Disk use is
 (rows per pair) x (hidden size) x (#layers) x (2 or 4 bytes) per pair.
 
@@ -62,7 +62,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -74,6 +73,7 @@ import pandas as pd
 import torch
 
 from mirlab.errors import UserError
+from mirlab.paths import atomic_write
 from mirlab.pairs.readers import load_image
 from mirlab.lvlm.models import (image_token_id, model_fingerprint, num_layers, processor_fingerprint, render_prompt,
                                  same_size_batches, text_token_ids, token_text, truncate_text)
@@ -171,21 +171,8 @@ def select_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_id:
 
 # --- storage ---------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(file)`` to a temporary sibling, then rename over ``path`` (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, data) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _shard(root: Path, layer: int, modality: str, batch: int) -> Path:
@@ -391,7 +378,7 @@ def _save_rows(root: Path, batch: int, layer: int, modality: str, rows: np.ndarr
         raise ValueError(f"layer {layer} has {modality} values beyond the float16 range "
                          f"(max |x| = {np.abs(rows).max():.3g}): use store_dtype='float32'")
     rows = rows.astype(store_dtype, copy=False)
-    _atomic_write(_shard(root, layer, modality, batch), lambda f: np.save(f, rows))
+    atomic_write(_shard(root, layer, modality, batch), lambda tmp: np.save(tmp, rows))
 
 
 def _selected(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
