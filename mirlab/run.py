@@ -122,6 +122,21 @@ def _pairs(images, texts, pairs_file, eval_num, seed, on_error) -> Pairs:
     return pairs
 
 
+def _checked_inputs_then_model(model, images, texts, pairs_file, eval_num, seed, on_error, cache_dir, out_dir,
+                               load_options: dict):
+    """(pairs, model, processor): the folders and the pairs are checked first, then the model is loaded (unless
+    ``model`` is already a loaded ``(model, processor)`` tuple), so a bad input fails before a slow load."""
+    for folder, what in ((cache_dir, "cache_dir"), (out_dir, "out_dir")):
+        if folder is not None:
+            check_writable_folder(folder, what)
+    data = _pairs(images, texts, pairs_file, eval_num, seed, on_error)
+    if isinstance(model, (tuple, list)):
+        model, processor = model
+    else:
+        model, processor = load_model(model, **load_options)
+    return data, model, processor
+
+
 def run_mir(model=EMBEDDED_MODEL, images=None, texts=None, *, pairs_file=None, eval_num: int | None = 100,
             seed: int = 0, method: str = "exact", outliers: str = "replace", batch_size: int = 8,
             cache_dir=None, out_dir=None, base_llm=None, dtype=None, device_map=None,
@@ -142,15 +157,9 @@ def run_mir(model=EMBEDDED_MODEL, images=None, texts=None, *, pairs_file=None, e
     """
     from mirlab.metrics.mir import compute_mir
 
-    for folder, what in ((cache_dir, "cache_dir"), (out_dir, "out_dir")):
-        if folder is not None:
-            check_writable_folder(folder, what)
-    data = _pairs(images, texts, pairs_file, eval_num, seed, on_error)
-    if isinstance(model, (tuple, list)):
-        model, processor = model
-    else:
-        model, processor = load_model(model, dtype=dtype, device_map=device_map, base_llm=base_llm,
-                                      trust_remote_code=trust_remote_code)
+    data, model, processor = _checked_inputs_then_model(
+        model, images, texts, pairs_file, eval_num, seed, on_error, cache_dir, out_dir,
+        dict(dtype=dtype, device_map=device_map, base_llm=base_llm, trust_remote_code=trust_remote_code))
     states = extract_hidden_states(model, processor, data.images, data.texts, batch_size=batch_size,
                                    layers=layers, include_embeddings=include_embeddings, text_span=text_span,
                                    max_text_tokens=max_text_tokens, store_dtype=store_dtype,
@@ -301,15 +310,9 @@ def run_probes(model=EMBEDDED_MODEL, images=None, texts=None, *, pairs_file=None
     unknown = [p for p in probes if p not in PROBES]
     if unknown or not probes:
         raise ValueError(f"probes must be a non-empty subset of {PROBES}, got {list(probes)}")
-    for folder, what in ((cache_dir, "cache_dir"), (out_dir, "out_dir")):
-        if folder is not None:
-            check_writable_folder(folder, what)
-    data = _pairs(images, texts, pairs_file, eval_num, seed, on_error)
-    if isinstance(model, (tuple, list)):
-        model, processor = model
-    else:
-        model, processor = load_model(model, dtype=dtype, device_map=device_map, base_llm=base_llm,
-                                      trust_remote_code=trust_remote_code)
+    data, model, processor = _checked_inputs_then_model(
+        model, images, texts, pairs_file, eval_num, seed, on_error, cache_dir, out_dir,
+        dict(dtype=dtype, device_map=device_map, base_llm=base_llm, trust_remote_code=trust_remote_code))
     row_probes = tuple(p for p in probes if p in ROW_PROBES)
     lens = None
     if "logit_lens" in probes:

@@ -23,37 +23,16 @@ def one_thread():
         yield
 
 
-def _chatml_llava(tied: bool):
-    """A tiny LLaVA with the embedded model's chat template (ChatML); lm_head tied to the embeddings or not."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    tok = tiny_models.tiny_tokenizer(["<image>", "<|im_start|>", "<|im_end|>"], named={"image_token": "<image>"},
-                                     bos="<|im_start|>", eos="<|im_end|>", pad="<|endoftext|>")
-    crop, patch = 32, 8
-    processor = LlavaProcessor(image_processor=LlavaImageProcessorPil(size={"shortest_edge": crop},
-                                                                      crop_size={"height": crop, "width": crop}),
-                               tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=crop, patch_size=patch)
-    config = LlavaConfig(vision_config=vision, text_config=tiny_models._llama(tok, tie_word_embeddings=tied),
-                         image_token_index=tok.image_token_id, vision_feature_select_strategy="default",
-                         vision_feature_layer=-2, tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval(), processor
-
-
 @pytest.fixture(scope="module")
 def tied():
-    model, processor = _chatml_llava(tied=True)
+    model, processor = tiny_models.chatml_llava(CHAT_TEMPLATE, tied=True)
     assert sft.tied_head(model)
     return model, processor
 
 
 @pytest.fixture(scope="module")
 def untied():
-    model, processor = _chatml_llava(tied=False)
+    model, processor = tiny_models.chatml_llava(CHAT_TEMPLATE, tied=False)
     assert not sft.tied_head(model)
     return model, processor
 

@@ -83,6 +83,28 @@ def _llama(tokenizer, **extra):
                        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512, **extra)
 
 
+def chatml_llava(chat_template: str, tied: bool = False):
+    """A tiny LLaVA (16 image tokens) with the given chat template, e.g. the embedded model's ChatML; its lm_head
+    tied to the input embeddings or not. Seeded: the same weights on every call."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tok = tiny_tokenizer(["<image>", "<|im_start|>", "<|im_end|>"], named={"image_token": "<image>"},
+                         bos="<|im_start|>", eos="<|im_end|>", pad="<|endoftext|>")
+    crop, patch = 32, 8
+    processor = LlavaProcessor(image_processor=LlavaImageProcessorPil(size={"shortest_edge": crop},
+                                                                      crop_size={"height": crop, "width": crop}),
+                               tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=chat_template)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=crop, patch_size=patch)
+    config = LlavaConfig(vision_config=vision, text_config=_llama(tok, tie_word_embeddings=tied),
+                         image_token_index=tok.image_token_id, vision_feature_select_strategy="default",
+                         vision_feature_layer=-2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
 def without_video_processor(processor_class):
     """``processor_class`` accepting ``video_processor=None``: video processors need torchvision, which cannot be
     installed beside this CPU torch; images never touch that slot."""

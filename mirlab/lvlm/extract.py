@@ -303,6 +303,20 @@ def _prepare_text(processor, text, max_text_tokens, max_positions=None):
     return prompt, cut
 
 
+def check_pairs(images, texts, names=None) -> tuple[list, list, list[str]]:
+    """(images, texts, names) as lists, checked to pair up: as many images as texts, at least one pair, and as many
+    names (default "pair i") as pairs; ValueError saying which count is off otherwise."""
+    images, texts = list(images), list(texts)
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} texts: pairs need one of each")
+    if not texts:
+        raise ValueError("no pairs: images and texts are empty")
+    names = list(names) if names is not None else [f"pair {i}" for i in range(len(texts))]
+    if len(names) != len(texts):
+        raise ValueError(f"{len(names)} names for {len(texts)} pairs")
+    return images, texts, names
+
+
 def _check_options(batch_size, text_span, store_dtype, on_error, max_text_tokens):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -507,14 +521,7 @@ def extract_hidden_states(model, processor, images, texts, *, batch_size: int = 
         the count; ``HiddenStates.skipped`` lists them). names: how errors name pair i (default "pair i").
     """
     _check_options(batch_size, text_span, store_dtype, on_error, max_text_tokens)
-    images, texts = list(images), list(texts)
-    if len(images) != len(texts):
-        raise ValueError(f"{len(images)} images but {len(texts)} texts: pairs need one of each")
-    if not texts:
-        raise ValueError("no pairs: images and texts are empty")
-    names = list(names) if names is not None else [f"pair {i}" for i in range(len(texts))]
-    if len(names) != len(texts):
-        raise ValueError(f"{len(names)} names for {len(texts)} pairs")
+    images, texts, names = check_pairs(images, texts, names)
     problems = _Problems(on_error, names)
     image_id = image_token_id(model, processor)
     n_layers = num_layers(model)

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from mirlab.lvlm.extract import (PairError, _prepare_text, forward_hidden_states, image_row_mask, model_inputs,
+from mirlab.lvlm.extract import (PairError, _prepare_text, check_pairs, forward_hidden_states, image_row_mask, model_inputs,
                                  select_layers, select_rows)
 from mirlab.lvlm.models import image_token_id, language_model, num_layers, text_token_ids
 from mirlab.pairs.readers import load_image
@@ -52,14 +52,7 @@ def _positive_int(value, what: str) -> None:
 
 def _prompts(processor, images, texts, names, max_text_tokens):
     """Rendered prompts of every pair (PairError naming the first unusable one), and the names."""
-    images, texts = list(images), list(texts)
-    if len(images) != len(texts):
-        raise ValueError(f"{len(images)} images but {len(texts)} texts: pairs need one of each")
-    if not texts:
-        raise ValueError("no pairs: images and texts are empty")
-    names = list(names) if names is not None else [f"pair {i}" for i in range(len(texts))]
-    if len(names) != len(texts):
-        raise ValueError(f"{len(names)} names for {len(texts)} pairs")
+    images, texts, names = check_pairs(images, texts, names)
     prompts = []
     for name, text in zip(names, texts):
         try:

@@ -22,7 +22,7 @@ import functools
 import torch
 from PIL import Image
 
-from mirlab.tiny.pretrain import IGNORE
+from mirlab.tiny.pretrain import IGNORE, pad_right
 
 _ANSWER_PROBE = "\u2063ANSWER\u2063"  # a marker no template writes by itself
 
@@ -105,9 +105,4 @@ def encode_qa(processor, questions: list[str], answers: list[str], image: bool =
         body, rest = answer_ids(processor, answer)
         rows.append(prompt + body + rest)
         targets.append([IGNORE] * len(prompt) + body + [IGNORE] * len(rest))
-    length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
-    attention_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    labels = torch.tensor([t + [IGNORE] * (length - len(t)) for t in targets])
-    return input_ids, attention_mask, labels
+    return pad_right(rows, targets, tokenizer.pad_token_id)

@@ -175,9 +175,14 @@ def encode_captions(processor, captions: list[str]):
         body = tokenizer(caption, add_special_tokens=False)["input_ids"] + end
         rows.append(prompt + body + newline)
         targets.append([IGNORE] * len(prompt) + body + [IGNORE] * len(newline))
+    return pad_right(rows, targets, tokenizer.pad_token_id)
+
+
+def pad_right(rows: list[list[int]], targets: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask, labels) of a batch of token rows, right-padded to the longest: ``pad_id`` in
+    input_ids, 0 in attention_mask and IGNORE in labels on the padding; ``targets[i]`` is row i's labels."""
     length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+    input_ids = torch.tensor([r + [pad_id] * (length - len(r)) for r in rows])
     attention_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
     labels = torch.tensor([t + [IGNORE] * (length - len(t)) for t in targets])
     return input_ids, attention_mask, labels
