@@ -44,8 +44,8 @@ accepts ``logits_to_keep``). Right after it, every selected layer's rows are wri
 ``<store>/layer_XXX/{image,text}_BBBBB.npy`` (BBBBB = batch number), float32 by default or float16
 (``store_dtype``), each file written whole (``mirlab.paths.atomic_write``: a temporary sibling, then renamed
 into place); the batch's manifest ``batches/BBBBB.json`` (which pairs, how many rows each) is written last, so
-a batch counts as done only once all its rows are on disk. Iterating reads one layer back at a time. Peak RAM is therefore one
-batch's hidden states (all layers of that batch) plus one layer of rows, whatever L is. Disk use is
+a batch counts as done only once all its rows are on disk. Iterating reads one layer back at a time. Peak RAM is
+therefore one batch's hidden states (all layers of that batch) plus one layer of rows, whatever L is. Disk use is
 (rows per pair) x (hidden size) x (#layers) x (2 or 4 bytes) per pair.
 
 A model whose image codes depend on the padded batch (Emu3: ``mirlab.lvlm.models.same_size_batches``) gets one
