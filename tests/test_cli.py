@@ -8,14 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from mirlab import cli, compute_mir, extract_hidden_states, folder_pairs, load_model
 from mirlab.errors import UserError
-from tiny_models import LAYERS, build, single_thread
-
-WORDS = "a cat dog fox sits on the mat red blue square circle park night quick brown lazy".split()
-
+from cli_workspace import cli_workspace, stories
+from tiny_models import LAYERS, single_thread
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
@@ -26,19 +23,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved tiny LLaVA plus folders of 6 images and 7 CNN/DM-style stories."""
-    root = tmp_path_factory.mktemp("cli")
-    llava = build("llava")
-    llava.model.save_pretrained(root / "model")
-    llava.processor.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    (root / "texts").mkdir()
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-    for i in range(7):
-        words = " ".join(rng.choice(WORDS, size=8 + i))
-        (root / "texts" / f"{i}.story").write_text(f"{words}\n\n@highlight\n\nnot part of the text\n")
-    return root
+    return cli_workspace(tmp_path_factory.mktemp("cli"), 6, stories(7, seed=0))
 
 
 def run(workspace, *extra):

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tiny_models import build
+from cli_workspace import WORDS, cli_workspace, stories
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-WORDS = "a cat dog fox sits on the mat red blue square circle park night quick brown lazy".split()
 WARNING = "mirlab run: warning: "
 
 
@@ -46,17 +44,7 @@ def errors_and_warnings(done: subprocess.CompletedProcess) -> tuple[list[str], l
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved tiny LLaVA, 3 images, 3 stories, and a finished hidden-state cache of them (`cache`)."""
-    root = tmp_path_factory.mktemp("cli-errors")
-    llava = build("llava")
-    llava.model.save_pretrained(root / "model")
-    llava.processor.save_pretrained(root / "model")
-    rng = np.random.default_rng(1)
-    (root / "images").mkdir()
-    (root / "texts").mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        words = " ".join(rng.choice(WORDS, size=8 + i))
-        (root / "texts" / f"{i}.story").write_text(f"{words}\n\n@highlight\n\nnot part of the text\n")
+    root = cli_workspace(tmp_path_factory.mktemp("cli-errors"), 3, stories(3, seed=1), seed=1)
     done = mirlab(*command(root), "--cache", root / "cache")
     assert done.returncode == 0, done.stderr
     (root / "mir.txt").write_text(done.stdout.splitlines()[0])  # "MIR = ..." of the clean folders

@@ -19,6 +19,7 @@ from mirlab.lvlm.models import image_token_id, language_model, render_prompt, te
 from mirlab.metrics import probes
 from mirlab.plots import per_layer_table
 from mirlab.run import PROBES, run_probes
+from cli_workspace import cli_workspace
 from tiny_models import FAMILIES, LAYERS, build, single_thread
 
 # PaliGemma's processor builds its labels with np.array(torch tensor), which numpy 2 flags; not ours to fix
@@ -353,18 +354,9 @@ def test_run_probes_chooses_probes_and_needs_no_extraction_for_forward_ones():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A saved tiny LLaVA plus folders of 6 images and 6 texts (the pattern of tests/test_cli.py)."""
-    root = tmp_path_factory.mktemp("probe-cli")
-    llava = build("llava")
-    llava.model.save_pretrained(root / "model")
-    llava.processor.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    (root / "texts").mkdir()
-    for i, text in enumerate(TEXTS):
-        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        (root / "texts" / f"{i}.txt").write_text(text)
-    return root
+    """A saved tiny LLaVA plus folders of 6 images and 6 texts."""
+    return cli_workspace(tmp_path_factory.mktemp("probe-cli"), len(TEXTS),
+                         {f"{i}.txt": text for i, text in enumerate(TEXTS)})
 
 
 def test_probe_command_writes_the_tidy_table_and_figures(workspace, tmp_path):
