@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -99,6 +99,38 @@ def _unpack(item, position: int):
     return int(layer), image, text
 
 
+def each_layer(layers: Iterable, measure: Callable[[Any, Any, int], dict], desc: str,
+               progress: bool = False) -> list[dict]:
+    """[measure(image_rows, text_rows, layer) for every layer], consuming ``layers`` one layer at a time.
+
+    layers: (image_rows, text_rows) per layer (numbered 1, 2, ...) or (layer, image_rows, text_rows) triples.
+    A layer number that appears twice, or no layer at all, is a ValueError; ``desc`` names the progress bar.
+    """
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(desc=desc, unit="layer")
+    rows, seen, position = [], set(), 0
+    # a plain loop with `del`: enumerate() and tqdm's iterator would keep the previous layer alive
+    # while the next one is being produced, doubling peak memory
+    for item in layers:
+        position += 1
+        layer, image, text = _unpack(item, position)
+        del item
+        if layer in seen:
+            raise ValueError(f"layer {layer} appears twice")
+        seen.add(layer)
+        rows.append(measure(image, text, layer))
+        del image, text
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if not rows:
+        raise ValueError("no layers: the layer iterable was empty")
+    return rows
+
+
 def layer_fd(image, text, method: str = "exact", outliers: str = "replace", n_sigma: float = 3.0,
              layer: int | str = "?") -> dict[str, Any]:
     """One layer of MIR: `prepare_layer` (scale s = 1/mean text norm, 3-sigma rule), then FD of the result.
@@ -136,28 +168,8 @@ def compute_mir(layers: Iterable, method: str = "exact", outliers: str = "replac
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if outliers not in OUTLIER_MODES:
         raise ValueError(f"outliers must be one of {OUTLIER_MODES}, got {outliers!r}")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(desc=f"MIR ({method})", unit="layer")
-    rows, seen, position = [], set(), 0
-    # a plain loop with `del`: enumerate() and tqdm's iterator would keep the previous layer alive
-    # while the next one is being produced, doubling peak memory
-    for item in layers:
-        position += 1
-        layer, image, text = _unpack(item, position)
-        del item
-        if layer in seen:
-            raise ValueError(f"layer {layer} appears twice")
-        seen.add(layer)
-        rows.append(layer_fd(image, text, method, outliers, n_sigma, layer))
-        del image, text
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if not rows:
-        raise ValueError("no layers: the layer iterable was empty")
+    rows = each_layer(layers, lambda image, text, layer: layer_fd(image, text, method, outliers, n_sigma, layer),
+                      f"MIR ({method})", progress)
     per_layer = _layer_frame(rows)
     total = math.fsum(per_layer["fd"])  # correctly rounded: the same MIR whatever the summation order
     if not total > 0:

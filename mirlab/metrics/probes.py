@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirlab.metrics.mir import _unpack
+from mirlab.metrics.mir import each_layer
 from mirlab.metrics.normalize import check_rows, row_norms
 
 ROW_PROBES = ("norm_ratio", "modality_gap", "rank", "alignment")
@@ -312,26 +312,8 @@ def compute_probes(layers: Iterable, pairs_info=None, probes=ROW_PROBES, k: int 
     "alignment" probe only. Returns one row per layer (columns: see ``layer_probes``).
     """
     probes = _check_probes(probes)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(desc="row probes", unit="layer")
-    rows, seen, position = [], set(), 0
-    for item in layers:  # a plain loop with `del`, as in compute_mir: one layer alive at a time
-        position += 1
-        layer, image, text = _unpack(item, position)
-        del item
-        if layer in seen:
-            raise ValueError(f"layer {layer} appears twice")
-        seen.add(layer)
-        rows.append(layer_probes(image, text, layer, pairs_info, probes, k, n_shuffles, seed))
-        del image, text
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if not rows:
-        raise ValueError("no layers: the layer iterable was empty")
+    rows = each_layer(layers, lambda image, text, layer: layer_probes(image, text, layer, pairs_info, probes, k,
+                                                                   n_shuffles, seed), "row probes", progress)
     return pd.DataFrame(rows)
 
 
