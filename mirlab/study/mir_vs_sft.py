@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mirlab.study.probes_vs_mir import complete_points
 from mirlab.tiny.pretrain import Recipe
 
 BASE = dict(lr=2e-3, steps=250, batch_size=8, warmup=15, train_scenes=2000, seed=0)
@@ -280,14 +281,8 @@ def spearman_interval(x, y, n_boot: int = 10_000, seed: int = 0, confidence: flo
     Points where x or y is NaN are left out (n counts the complete points). Replicates where either resampled
     variable is constant (rho undefined) are dropped and counted. A constant x or y is an error.
     Returns {rho, low, high, n, n_boot_used, p} (p: scipy's two-sided test, for reference only)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of equal length, got {x.shape} and {y.shape}")
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
+    x, y = complete_points(x, y)
     n = len(x)
-    if n < 3:
-        raise ValueError(f"need at least 3 complete points for a rank correlation, got {n}")
     for name, values in (("x", x), ("y", y)):
         if np.ptp(values) == 0:
             raise ValueError(f"{name} is constant over the {n} complete points: rho is undefined")

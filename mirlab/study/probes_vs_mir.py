@@ -6,6 +6,7 @@ and the row probes of ``mirlab.metrics.probes`` from one extraction per checkpoi
 
     summarize(per_layer)              one row per checkpoint: MIR = log10 sum_k FD_k, layer means of the probes
                                       (``<probe>_mean``) and the layer-1 norm ratio
+    complete_points(x, y)             the paired values without missing ones (at least 3: a rank correlation's input)
     spearman_permutation(x, y)        Spearman rho with a two-sided permutation p-value, exact (all n! re-pairings)
                                       for small n: with 5 checkpoints the smallest possible p is 2/120
     correlation_table(summary, cols)  rho and p of every pair of columns across checkpoints
@@ -70,6 +71,17 @@ def _rank_rows(ranks: np.ndarray) -> np.ndarray:
     return centred / np.linalg.norm(centred, axis=-1, keepdims=True)
 
 
+def complete_points(x, y) -> tuple[np.ndarray, np.ndarray]:
+    """x and y as float64 without the points where either is NaN; at least 3 must remain for a rank correlation."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of equal length, got shapes {x.shape} and {y.shape}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    if keep.sum() < 3:
+        raise ValueError(f"a rank correlation needs at least 3 complete points, got {keep.sum()}")
+    return x[keep], y[keep]
+
+
 def spearman_permutation(x, y, exact_up_to: int = EXACT_UP_TO, n_permutations: int = 20_000,
                          seed: int = 0) -> dict:
     """Spearman rho of paired values and its two-sided permutation p-value.
@@ -83,14 +95,8 @@ def spearman_permutation(x, y, exact_up_to: int = EXACT_UP_TO, n_permutations: i
     p = (1 + count) / (1 + n_permutations). Pairs with a missing value are left out; at least 3 must remain.
     Returns {rho, p, n, exact}; rho and p are NaN when x or y is constant.
     """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of equal length, got shapes {x.shape} and {y.shape}")
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
+    x, y = complete_points(x, y)
     n = len(x)
-    if n < 3:
-        raise ValueError(f"a rank correlation needs at least 3 complete pairs, got {n}")
     exact = n <= exact_up_to
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"rho": float("nan"), "p": float("nan"), "n": n, "exact": exact}
