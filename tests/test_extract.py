@@ -1,4 +1,5 @@
-"""Hidden-state extraction on tiny random models of eight LVLM families (built offline, see tiny_models.py)."""
+"""Hidden-state extraction: options, padding, bad pairs, memory, on the tiny random models of tests/tiny_models.py
+(the per-family row checks over every family are in test_families.py)."""
 import gc
 import json
 import warnings
@@ -11,8 +12,8 @@ from PIL import Image
 import mirlab.lvlm.extract as extract
 from mirlab import compute_mir, extract_hidden_states
 from mirlab.lvlm.extract import PairError, forward_hidden_states, model_inputs, select_layers, select_rows
-from mirlab.lvlm.models import render_prompt, text_token_ids
-from tiny_models import FAMILIES, LAYERS, build, single_thread
+from mirlab.lvlm.models import render_prompt
+from tiny_models import build, single_thread
 
 # PaliGemma's processor builds its labels with np.array(torch tensor), which numpy 2 flags; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -36,72 +37,6 @@ def family_pairs(tiny, n=4):
     """n pairs cycling through the family's exact-arithmetic image sizes (so row counts differ in a batch)."""
     sizes = [tiny.image_sizes[i % len(tiny.image_sizes)] for i in range(n)]
     return [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)], TEXTS[:n], sizes
-
-
-# --- the eight families ------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_rows_match_the_family_arithmetic(family):
-    tiny = build(family)
-    images, texts, sizes = family_pairs(tiny)
-    states = extract_hidden_states(tiny.model, tiny.processor, images, texts, batch_size=4, progress=False)
-    samples = states.samples
-    assert samples["n_image"].tolist() == [tiny.expected_image_rows(w, h) for w, h in sizes]
-    assert (samples["n_text"] > 0).all()
-    assert states.layers == list(range(1, LAYERS + 1))
-    hidden = tiny.model.config.get_text_config().hidden_size
-    for layer, image, text in states:
-        assert image.shape == (samples["n_image"].sum(), hidden)
-        assert text.shape == (samples["n_text"].sum(), hidden)
-        assert torch.isfinite(image).all() and torch.isfinite(text).all()
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_text_rows_are_disjoint_from_image_rows_and_caption_decodes_to_the_text(family):
-    tiny = build(family)
-    images, texts, _ = family_pairs(tiny)
-    prompts = [render_prompt(tiny.processor, t) for t in texts]
-    inputs = model_inputs(tiny.model, tiny.processor, images, prompts)
-    returned = tiny.processor(images=[[im] for im in images], text=[p.text for p in prompts], padding=True,
-                              return_tensors="pt", **({"suffix": [p.suffix for p in prompts]}
-                                                      if prompts[0].suffix is not None else {}))
-    assert set(inputs) == set(returned) - {"labels"}  # every tensor reaches the model (token types included)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    image_id = tiny.model.config.image_token_id
-    image, after, problems = select_rows(ids, mask, image_id, "after_image")
-    text_ids = [text_token_ids(tiny.processor.tokenizer, p) for p in prompts]
-    _, caption, caption_problems = select_rows(ids, mask, image_id, "caption", text_ids)
-    assert problems == [None] * len(texts) and caption_problems == [None] * len(texts)
-    assert not (image & after).any() and not (image & caption).any()
-    assert not (caption & ~after).any()  # the caption lies inside "everything after the image"
-    assert not ((after | image) & ~mask.bool()).any()  # pad rows are never taken
-    for b, text in enumerate(texts):
-        assert tiny.processor.tokenizer.decode(ids[b][caption[b]]).strip() == text
-        last_image = image[b].nonzero().max()
-        assert after[b].nonzero().min() == last_image + 1
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_batched_rows_equal_one_pair_at_a_time(family):
-    """Padding-aware: a padded batch gives the rows that a batch of one (no padding) gives."""
-    tiny = build(family)
-    images, texts, _ = family_pairs(tiny, n=3)
-    states = extract_hidden_states(tiny.model, tiny.processor, images, texts, batch_size=3, progress=False,
-                                   text_span="caption", include_embeddings=True)
-    image_id = tiny.model.config.image_token_id
-    single = {layer: ([], []) for layer in states.layers}
-    for image, text in zip(images, texts):
-        prompt = render_prompt(tiny.processor, text)
-        inputs = model_inputs(tiny.model, tiny.processor, [image], [prompt])
-        image, caption, _ = select_rows(inputs["input_ids"], inputs["attention_mask"], image_id, "caption",
-                                         [text_token_ids(tiny.processor.tokenizer, prompt)])
-        hidden = forward_hidden_states(tiny.model, inputs)
-        for layer in states.layers:
-            single[layer][0].append(hidden[layer][image])
-            single[layer][1].append(hidden[layer][caption])
-    for layer, image, text in states:
-        torch.testing.assert_close(image, torch.cat(single[layer][0]), atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(text, torch.cat(single[layer][1]), atol=2e-4, rtol=1e-4)
 
 
 # --- options ---------------------------------------------------------------------------------------------------

@@ -13,13 +13,16 @@ from mirlab.lvlm.extract import forward_hidden_states, model_inputs, select_rows
 from mirlab.lvlm.models import MissingDependency, load_pretrained, render_prompt, text_token_ids
 from test_extract import family_pairs
 from tiny_models import LAYERS, single_thread
+import tiny_models
 import tiny_models_fusion
 import tiny_models_more
 
 # PaliGemma-style processors build labels with np.array(torch tensor), which numpy 2 flags; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-BUILDERS = {**{name: tiny_models_more.build for name in tiny_models_more.FAMILIES},
+# every family mirlab extracts from, by name -> the builder file that has it (Mllama: cross-attention, refused)
+BUILDERS = {**{name: tiny_models.build for name in tiny_models.FAMILIES},
+            **{name: tiny_models_more.build for name in tiny_models_more.FAMILIES},
             **{name: tiny_models_fusion.build for name in tiny_models_fusion.FAMILIES if name != "mllama"}}
 
 
@@ -70,6 +73,10 @@ def test_text_rows_follow_the_image_and_the_caption_decodes_to_the_text(family):
     images, texts, _ = family_pairs(tiny)
     prompts = [render_prompt(tiny.processor, t) for t in texts]
     inputs = model_inputs(tiny.model, tiny.processor, images, prompts)
+    returned = tiny.processor(images=[[im] for im in images], text=[p.text for p in prompts], padding=True,
+                              return_tensors="pt", **({"suffix": [p.suffix for p in prompts]}
+                                                      if prompts[0].suffix is not None else {}))
+    assert set(inputs) == set(returned) - {"labels"}  # every tensor reaches the model (token types included)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     image_id = tiny.model.config.image_token_id
     image, after, problems = select_rows(ids, mask, image_id, "after_image")
@@ -212,9 +219,7 @@ def test_a_checkpoint_whose_processor_has_a_video_slot_names_torchvision(family,
     """Extraction of these families is tested with processors built without their video processor; a saved
     checkpoint's processor always builds one, which needs torchvision (Qwen2-VL raises an ImportError for it,
     InternVL a ValueError: both become the same clear MissingDependency)."""
-    import tiny_models
-
-    tiny = tiny_models.build(family) if family in tiny_models.FAMILIES else tiny_models_more.build(family)
+    tiny = build(family)
     tiny.model.save_pretrained(tmp_path)
     tiny.processor.image_processor.save_pretrained(tmp_path)
     tiny.processor.tokenizer.save_pretrained(tmp_path)

@@ -19,20 +19,10 @@ from mirlab.lvlm.extract import forward_hidden_states, model_inputs
 from mirlab.lvlm.models import render_prompt, same_size_batches
 from mirlab.lvlm.moca import FORMAT, MoCa, attach, decoder_layers
 from test_extract import family_pairs
+from test_families import BUILDERS, build
 from tiny_models import LAYERS, single_thread
-import tiny_models
-import tiny_models_fusion
-import tiny_models_more
 
-# every family mirlab extracts from, by name -> the builder file that has it (Mllama: cross-attention, refused)
-BUILDERS = {**{name: tiny_models.build for name in tiny_models.FAMILIES},
-            **{name: tiny_models_more.build for name in tiny_models_more.FAMILIES},
-            **{name: tiny_models_fusion.build for name in tiny_models_fusion.FAMILIES if name != "mllama"}}
-FAMILIES = list(BUILDERS)
-
-
-def build(family):
-    return BUILDERS[family](family)
+FAMILIES = list(BUILDERS)  # every family mirlab extracts from
 
 # PaliGemma's processor builds its labels with np.array(torch tensor), which numpy 2 flags; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
