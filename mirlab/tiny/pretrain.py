@@ -350,7 +350,22 @@ def _saved_recipe(saved: dict) -> Recipe | None:
         return None
 
 
-def _restart_log(path: Path, step: int):
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One optimizer step on ``loss`` at learning rate ``lr``: set lr, zero the gradients, back-propagate, step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def log_step(path: Path, step: int, loss: float, lr: float, seconds: float) -> None:
+    """Append one row (step, loss, lr, seconds) to a training log that `restart_log` started."""
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{seconds:.3f}"])
+
+
+def restart_log(path: Path, step: int):
     """Keep the log rows up to `step` (the resumed step), dropping rows of work that was lost."""
     rows = []
     if step > 0 and path.is_file():
@@ -406,7 +421,7 @@ def train(model, recipe: Recipe, features: torch.Tensor, captions: list[str], pr
     params = freeze_all_but_projector(model, recipe.trained)
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     step = _load_state(state_path, model, optimizer, recipe) if state_path.is_file() else 0
-    _restart_log(log_path, step)
+    restart_log(log_path, step)
     if step == 0 and 0 in recipe.trajectory:
         _save_trajectory(model, out_dir, recipe, 0, None)
     last = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
@@ -416,18 +431,11 @@ def train(model, recipe: Recipe, features: torch.Tensor, captions: list[str], pr
         step += 1
         start = time.perf_counter()
         lr = learning_rate(step, recipe)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         index = batch_indices(step, recipe)
         input_ids, attention_mask, labels = encode_captions(processor, [captions[i] for i in index])
         loss = caption_loss(model, features[index], input_ids, attention_mask, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seconds = time.perf_counter() - start
-
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, f"{loss.item():.6f}", f"{lr:.6g}", f"{seconds:.3f}"])
+        update(optimizer, loss, lr)
+        log_step(log_path, step, loss.item(), lr, time.perf_counter() - start)
         if step in recipe.trajectory:
             _save_trajectory(model, out_dir, recipe, step, loss.item())
         if step % recipe.checkpoint_every == 0 or step == last:

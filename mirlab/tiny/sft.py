@@ -303,7 +303,7 @@ def train_sft(model, processor, recipe: SFTRecipe, start: str, out_dir=None, sta
     params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix appears once
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     step = _load_state(state_path, model, optimizer, recipe, start_info, names) if state_path.is_file() else 0
-    pretrain._restart_log(log_path, step)
+    pretrain.restart_log(log_path, step)
     last = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
 
     bar = tqdm(total=recipe.steps, initial=step, desc=f"sft {recipe.name} from {start}", disable=not progress)
@@ -312,17 +312,11 @@ def train_sft(model, processor, recipe: SFTRecipe, start: str, out_dir=None, sta
         step += 1
         began = time.perf_counter()
         lr = pretrain.learning_rate(step, recipe)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         batch = [examples[i] for i in example_indices(step, recipe, len(examples))]
         loss = answer_loss(model, *encode_batch(processor, features, batch))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        pretrain.update(optimizer, loss, lr)
         seconds = time.perf_counter() - began
-
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, f"{loss.item():.6f}", f"{lr:.6g}", f"{seconds:.3f}"])
+        pretrain.log_step(log_path, step, loss.item(), lr, seconds)
         if step % recipe.checkpoint_every == 0 or step == last:
             _save_state(state_path, model, optimizer, step, recipe, start_info, names)
         bar.update(1)
