@@ -2,6 +2,7 @@
 import gc
 import math
 import weakref
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import scipy.linalg
 import torch
 
 from mirlab import MIRResult, compute_mir
+from mirlab.metrics.probes import compute_probes
 
 D = 24
 
@@ -45,12 +47,15 @@ def test_mir_matches_independent_reference():
                                [1 / np.mean(np.linalg.norm(t, axis=1)) for _, t in layers], rtol=1e-12)
 
 
-def test_layers_are_consumed_one_at_a_time():
+@pytest.mark.parametrize("measure", [compute_mir, partial(compute_probes, probes=("norm_ratio", "rank"))],
+                         ids=["compute_mir", "compute_probes"])
+def test_layers_are_consumed_one_at_a_time(measure):
+    """Both per-layer consumers (metrics.mir.each_layer) hold one layer at a time."""
     alive = []
 
     def layers():
         for k in range(1, 5):
-            # when layer k is requested, compute_mir must have released every earlier layer
+            # when layer k is requested, the consumer must have released every earlier layer
             gc.collect()
             assert all(ref() is None for ref in alive), f"an earlier layer is still alive at layer {k}"
             image, text = (torch.from_numpy(a) for a in layer_rows(k))
@@ -58,8 +63,8 @@ def test_layers_are_consumed_one_at_a_time():
             yield image, text
             del image, text
 
-    result = compute_mir(layers(), progress=True)
-    assert len(result.per_layer) == 4
+    result = measure(layers(), progress=True)
+    assert len(result.per_layer if measure is compute_mir else result) == 4
 
 
 def test_mir_invariant_to_rescaling_raw_features_per_layer():

@@ -1,12 +1,10 @@
 """Modality-bias probes: closed forms and independent references for the row probes (mirlab.metrics.probes),
 the forward-pass probes on every tiny family (mirlab.lvlm.probes), run_probes, `mirlab probe`, and one run
 on the embedded model."""
-import gc
 import json
 import os
 import subprocess
 import sys
-import weakref
 
 import numpy as np
 import pandas as pd
@@ -195,20 +193,7 @@ def test_compute_probes_gives_a_wide_table_the_plots_take_and_a_tidy_form():
     assert only_norms.to_dict("records") == [{"layer": 1, "n_image": 3, "n_text": 3, "norm_ratio": 0.5}]
 
 
-def test_compute_probes_holds_one_layer_at_a_time_and_rejects_repeated_or_no_layers():
-    alive = []
-
-    def layers():
-        for k in range(1, 4):
-            # when layer k is requested, compute_probes must have released every earlier layer
-            gc.collect()
-            assert all(ref() is None for ref in alive), f"an earlier layer is still alive at layer {k}"
-            image, text = torch.from_numpy(cloud(12, 4, k)), torch.from_numpy(cloud(10, 4, k + 10))
-            alive.extend([weakref.ref(image), weakref.ref(text)])
-            yield image, text
-            del image, text
-
-    assert probes.compute_probes(layers(), probes=("norm_ratio",), progress=True)["layer"].tolist() == [1, 2, 3]
+def test_compute_probes_rejects_repeated_or_no_layers():
     with pytest.raises(ValueError, match="layer 4 appears twice"):
         probes.compute_probes([(4, cloud(5, 3), cloud(5, 3)), (4, cloud(5, 3), cloud(5, 3))], probes=("rank",))
     with pytest.raises(ValueError, match="no layers"):
