@@ -33,8 +33,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from mirlab.lvlm.extract import (PairError, _prepare_text, check_pairs, forward_hidden_states, image_row_mask, model_inputs,
-                                 select_layers, select_rows)
+from mirlab.lvlm.extract import (PairError, _prepare_text, check_pairs, forward_hidden_states, image_row_mask,
+                                 model_inputs, select_layers, select_rows)
 from mirlab.lvlm.models import image_token_id, language_model, num_layers, text_token_ids
 from mirlab.pairs.readers import load_image
 
